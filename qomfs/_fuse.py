@@ -1,0 +1,35 @@
+"""The one place that imports the FUSE binding.
+
+mfusepy (the maintained fork, libfuse2 and libfuse3) is preferred; plain fusepy
+(libfuse2) has the same API.  ``QOMFS_FUSE=fusepy`` forces the latter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_forced = os.environ.get("QOMFS_FUSE", "")
+
+
+def _load() -> Any:
+    if _forced == "fusepy":
+        import fuse
+
+        return fuse
+    try:
+        import mfusepy
+
+        return mfusepy
+    except ImportError:  # pragma: no cover - depends on what is installed
+        import fuse
+
+        return fuse
+
+
+_binding = _load()
+
+FUSE: Any = _binding.FUSE
+FuseOSError: Any = _binding.FuseOSError
+Operations: Any = _binding.Operations
+BINDING: str = _binding.__name__

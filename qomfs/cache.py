@@ -1,0 +1,118 @@
+"""A small thread-safe TTL cache that fetches each missing key once.
+
+When several threads ask for the same missing key at once, one fetches and the
+others wait for its answer (or its exception): eight parallel ``grep -r`` cost
+the QMP commands of one.  With ``ttl <= 0`` nothing is kept or shared: every
+call fetches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass
+class _Flight(Generic[V]):
+    done: threading.Event = field(default_factory=threading.Event)
+    value: V | None = None
+    error: BaseException | None = None
+
+
+class TTLCache(Generic[K, V]):
+    """Map keys to values for at most ``ttl`` seconds of ``clock``.
+
+    A value is served until ``ttl`` seconds after its fetch *started*, so no
+    answer is older than ``ttl`` relative to when QEMU was asked.  Thread-safe.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._data: dict[K, tuple[float, V]] = {}
+        self._flights: dict[K, _Flight[V]] = {}
+        self._generation = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def peek(self, key: K) -> tuple[bool, V | None]:
+        """``(True, value)`` when a fresh value is cached, else ``(False, None)``."""
+        if self.ttl <= 0:
+            return False, None
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None:
+                if self.clock() < hit[0]:
+                    return True, hit[1]
+                del self._data[key]
+        return False, None
+
+    def put(self, key: K, value: V, fetched_at: float | None = None) -> None:
+        """Store ``value`` as fetched at ``fetched_at`` (default: now)."""
+        if self.ttl <= 0:
+            return
+        start = self.clock() if fetched_at is None else fetched_at
+        with self._lock:
+            self._data[key] = (start + self.ttl, value)
+
+    def get(self, key: K, fetch: Callable[[], V]) -> V:
+        """The cached value for ``key``, or ``fetch()`` (run once for all waiters).
+
+        Exceptions from ``fetch`` propagate to every waiting caller and are
+        not cached.
+        """
+        if self.ttl <= 0:
+            return fetch()
+        while True:
+            with self._lock:
+                hit = self._data.get(key)
+                now = self.clock()
+                if hit is not None and now < hit[0]:
+                    return hit[1]
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+                    generation = self._generation
+                    break
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.value is not None:
+                return flight.value
+            # The flight produced None (a legal value): fetch ourselves.
+            return fetch()
+        try:
+            value = fetch()
+        except BaseException as err:
+            flight.error = err
+            raise
+        else:
+            flight.value = value
+            with self._lock:
+                # An invalidation while we fetched makes our answer suspect.
+                if generation == self._generation:
+                    self._data[key] = (now + self.ttl, value)
+            return value
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+    def invalidate(self, predicate: Callable[[K], bool] | None = None) -> None:
+        """Drop every key (or those matching ``predicate``)."""
+        with self._lock:
+            self._generation += 1
+            if predicate is None:
+                self._data.clear()
+            else:
+                for key in [k for k in self._data if predicate(k)]:
+                    del self._data[key]

@@ -1,0 +1,199 @@
+"""``qom-fuse``: mount a QEMU's QOM tree.
+
+Compatible with QEMU's ``scripts/qmp/qom-fuse``: ``qom-fuse [-s SOCKET]
+MOUNTPOINT``, with ``$QMP_SOCKET`` as the default socket.  Like sshfs it
+returns once the mount is ready, or fails with a message and a non-zero
+status before it detaches; ``-f`` stays in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from qomfs import __version__
+from qomfs.errors import QomfsError
+from qomfs.qmp import QMPClient
+
+log = logging.getLogger("qomfs")
+
+EPILOG = """\
+examples:
+  qom-fuse -s /tmp/vm.sock /mnt/qom        mount, return when ready
+  QMP_SOCKET=/tmp/vm.sock qom-fuse /mnt/qom
+  qom-fuse -f -v -s localhost:4444 /mnt/qom   QMP over TCP, stay in the foreground
+  qom-fuse -o ro,allow_other -s /tmp/vm.sock /mnt/qom
+  fusermount -u /mnt/qom                   unmount
+
+QEMU needs a QMP monitor of its own for qomfs, e.g.
+  qemu-system-x86_64 ... -qmp unix:/tmp/vm.sock,server=on,wait=off
+"""
+
+
+def parse_options(text: str) -> dict[str, str | bool]:
+    """``-o a,b=c`` -> ``{"a": True, "b": "c"}`` (repeated -o accumulate)."""
+    out: dict[str, str | bool] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        out[key] = value if eq else True
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qom-fuse",
+        description="Mount a running QEMU's object model (QOM) as a filesystem over QMP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-s", "--socket", help="QMP socket: a unix socket path or HOST:PORT (default: $QMP_SOCKET)"
+    )
+    p.add_argument("mountpoint", help="directory to mount on")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options: ro, allow_other, auto_unmount, ...",
+    )
+    p.add_argument(
+        "--ttl",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long listings and values may be served from the cache "
+        "(default 1; 0 always asks QEMU)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for QEMU to answer a command (default 5)",
+    )
+    p.add_argument(
+        "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
+    )
+    p.add_argument("--log", metavar="FILE", help="log here once detached (default: nowhere)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)"
+    )
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="qom-fuse: %(levelname)s: %(name)s: %(message)s",
+    )
+    socket_path = args.socket or os.environ.get("QMP_SOCKET")
+    if not socket_path:
+        return _fail("no QMP socket: give -s SOCKET or set QMP_SOCKET")
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        return _fail(f"{args.mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        return _fail(f"{args.mountpoint}: already a mount point")
+    options: dict[str, str | bool] = {}
+    for text in args.options:
+        options.update(parse_options(text))
+    if args.foreground:
+        return _serve(args, socket_path, mountpoint, options, None)
+    return _daemonize(lambda ready: _serve(args, socket_path, mountpoint, options, ready), args.log)
+
+
+def _fail(message: str) -> int:
+    print(f"qom-fuse: {message}", file=sys.stderr)
+    return 1
+
+
+def _serve(
+    args: argparse.Namespace,
+    socket_path: str,
+    mountpoint: str,
+    options: dict[str, str | bool],
+    ready: Callable[[], None] | None,
+) -> int:
+    # Imported here so that --help works where no FUSE library is installed.
+    from qomfs._fuse import FUSE
+    from qomfs.fs import QOMFS
+    from qomfs.model import QOMTree
+
+    client = QMPClient(socket_path, timeout=args.timeout)
+    try:
+        client.connect()
+    except QomfsError as err:
+        return _fail(str(err))
+    try:
+        tree = QOMTree(client, ttl=args.ttl, batch=False if args.no_batch else None)
+        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready)
+        log.info("QEMU %s, qom-list-get %s", client.version, "used" if tree.batch else "not used")
+        kwargs: dict[str, object] = {
+            "fsname": f"qom:{socket_path}",
+            "subtype": "qom-fuse",
+            "default_permissions": True,
+        }
+        kwargs.update(options)
+        try:
+            FUSE(ops, mountpoint, foreground=True, raw_fi=True, use_ino=True, **kwargs)
+        except RuntimeError as err:
+            return _fail(f"mounting {mountpoint} failed ({err})")
+    finally:
+        client.close()
+    return 0
+
+
+def _daemonize(serve: Callable[[Callable[[], None]], int], logfile: str | None) -> int:
+    """Fork; the parent returns 0 once the child's mount is ready, or its failure.
+
+    The child does all the work (threads do not survive a fork) and reports
+    readiness through a pipe when the kernel has sent FUSE INIT.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as pipe:
+            ok = pipe.read(1) == b"1"
+        if ok:
+            return 0
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        return code if code > 0 else 1
+    os.close(rfd)
+    os.setsid()
+    os.chdir("/")
+
+    def ready() -> None:
+        # Detach from the terminal: the mount is up, the parent may go.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        out = (
+            os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if logfile else devnull
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        with contextlib.suppress(OSError):
+            os.write(wfd, b"1")
+            os.close(wfd)
+
+    try:
+        code = serve(ready)
+    except BaseException:
+        code = 1
+        logging.getLogger("qomfs").exception("qom-fuse failed")
+    os._exit(code)

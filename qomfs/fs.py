@@ -1,0 +1,282 @@
+"""The FUSE adapter: filesystem operations on a :class:`~qomfs.model.QOMTree`.
+
+This is the only module that thinks in errno.  Every outcome of the core maps
+to an errno through :data:`ERRNO` and is logged with what QEMU said.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from qomfs._fuse import BINDING, FuseOSError, Operations
+from qomfs.errors import (
+    CommandTimeout,
+    ConnectionLost,
+    ExecuteError,
+    InvalidValue,
+    NotADirectory,
+    NotFound,
+    NotReadable,
+    NotWritable,
+    QOMError,
+    QomfsError,
+    ReadFailed,
+)
+from qomfs.model import Kind, Node, QOMTree, join
+
+log = logging.getLogger("qomfs.fs")
+
+#: Core outcome -> errno.  Lookup walks the exception's class hierarchy, so a
+#: subclass not named here takes its closest ancestor's errno.
+ERRNO: dict[type[BaseException], int] = {
+    NotFound: errno.ENOENT,
+    NotADirectory: errno.ENOTDIR,
+    NotWritable: errno.EACCES,
+    NotReadable: errno.EACCES,
+    InvalidValue: errno.EINVAL,
+    ReadFailed: errno.EIO,
+    CommandTimeout: errno.ETIMEDOUT,
+    ConnectionLost: errno.EIO,
+    QomfsError: errno.EIO,  # anything else of ours: protocol errors, ...
+}
+
+#: ``st_size`` of a property file.  The real length is known only after a
+#: ``qom-get``; files are opened with direct I/O so readers see the whole value.
+FILE_SIZE = 4096
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def errno_for(exc: BaseException) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERRNO:
+            return ERRNO[cls]
+    return errno.EIO
+
+
+def _operation(func: F) -> F:
+    """Run a FUSE operation; turn core exceptions into FuseOSError via ERRNO."""
+
+    @functools.wraps(func)
+    def wrapper(self: QOMFS, path: str, *args: Any) -> Any:
+        try:
+            return func(self, path, *args)
+        except FuseOSError:
+            raise
+        except QomfsError as err:
+            code = errno_for(err)
+            level = logging.DEBUG if code == errno.ENOENT else logging.WARNING
+            if level >= log.getEffectiveLevel():
+                log.log(
+                    level, "%s: %s -> %s", func.__name__, describe(err, path), errno.errorcode[code]
+                )
+            raise FuseOSError(code) from err
+        except Exception:
+            log.exception("%s %s: internal error", func.__name__, path)
+            raise FuseOSError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+def describe(err: QomfsError, path: str) -> str:
+    """A log line's worth: the path, our words, and QEMU's error class."""
+    text = str(err)
+    if not text.startswith(path):
+        text = f"{path}: {text}"
+    cause = err.cause if isinstance(err, QOMError) else None
+    if isinstance(cause, ExecuteError):
+        text += f" (QEMU {cause.command}: {cause.error_class})"
+    return text
+
+
+def inode(path: str) -> int:
+    """A stable inode number for ``path``: the same on every mount."""
+    if path == "/":
+        return 1
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return max(2, int.from_bytes(digest, "little") >> 1)
+
+
+@dataclass
+class _Handle:
+    path: str
+    data: bytes | None = None  # the value as read, fixed for this open file
+    written: bytes = b""  # what this open file has written so far
+
+
+class QOMFS(Operations):  # type: ignore[misc]
+    """fusepy/mfusepy operations.  Thread-safe: FUSE calls from many threads.
+
+    ``read_only`` refuses every write with EROFS before any QMP command.
+    ``on_ready`` runs once the kernel has sent INIT (the mount is usable).
+    """
+
+    use_ns = True  # mfusepy: times in integer nanoseconds
+
+    def __init__(
+        self,
+        tree: QOMTree,
+        *,
+        read_only: bool = False,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.read_only = read_only
+        self.on_ready = on_ready
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.mounted_at = int(time.time() * 1e9)
+        self._handles: dict[int, _Handle] = {}
+        self._handles_lock = threading.Lock()
+        self._next_fh = itertools.count(1)
+
+    # --- life cycle ---------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def destroy(self, path: str) -> None:
+        log.info("unmounted")
+
+    # --- attributes ---------------------------------------------------------
+
+    def _attrs(self, node: Node) -> dict[str, Any]:
+        if node.kind is Kind.OBJECT:
+            mode, nlink, size = stat.S_IFDIR | 0o755, 2, 0
+        elif node.kind is Kind.LINK:
+            mode, nlink, size = stat.S_IFLNK | 0o777, 1, 0
+        else:
+            mode, nlink, size = stat.S_IFREG | 0o644, 1, FILE_SIZE
+        t: float | int = self.mounted_at if BINDING == "mfusepy" else self.mounted_at / 1e9
+        return {
+            "st_mode": mode,
+            "st_nlink": nlink,
+            "st_size": size,
+            "st_ino": inode(node.path),
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_atime": t,
+            "st_mtime": t,
+            "st_ctime": t,
+            "st_blocks": 0,
+        }
+
+    @_operation
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        return self._attrs(self.tree.lookup(path))
+
+    @_operation
+    def readdir(self, path: str, fh: Any) -> list[Any]:
+        entries: list[Any] = [".", ".."]
+        for prop in self.tree.readdir(path):
+            child = join(path, prop.name)
+            if prop.is_child:
+                mode = stat.S_IFDIR
+            elif prop.is_link:
+                mode = stat.S_IFLNK
+            else:
+                mode = stat.S_IFREG
+            entries.append((prop.name, {"st_mode": mode, "st_ino": inode(child)}, 0))
+        return entries
+
+    @_operation
+    def readlink(self, path: str) -> str:
+        return self.tree.readlink(path)
+
+    @_operation
+    def statfs(self, path: str) -> dict[str, Any]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    # --- files --------------------------------------------------------------
+
+    @_operation
+    def open(self, path: str, fi: Any) -> int:
+        node = self.tree.lookup(path)
+        if node.kind is Kind.OBJECT:
+            raise FuseOSError(errno.EISDIR)
+        if self.read_only and fi.flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FuseOSError(errno.EROFS)
+        fh = next(self._next_fh)
+        with self._handles_lock:
+            self._handles[fh] = _Handle(path)
+        fi.fh = fh
+        # The kernel must pass every read to us: st_size is not the length.
+        fi.direct_io = 1
+        return 0
+
+    def _handle(self, fi: Any) -> _Handle:
+        with self._handles_lock:
+            handle = self._handles.get(fi.fh)
+        if handle is None:
+            raise FuseOSError(errno.EBADF)
+        return handle
+
+    @_operation
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        handle = self._handle(fi)
+        if handle.data is None or offset == 0:
+            # A read from the start asks QEMU (or the cache) again, so a file
+            # kept open and re-read with pread(0) sees fresh values.
+            handle.data = self.tree.read_text(handle.path).encode("utf-8", "surrogateescape")
+        return handle.data[offset : offset + size]
+
+    @_operation
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        if self.read_only:
+            raise FuseOSError(errno.EROFS)
+        handle = self._handle(fi)
+        if offset != len(handle.written):
+            # Only a value written from the start, possibly over several
+            # write() calls, makes sense; never a patch in the middle.
+            raise InvalidValue(
+                f"write at offset {offset}: a value must be written whole, from offset 0"
+            )
+        value = handle.written + data
+        self.tree.write(handle.path, value)
+        handle.written = value
+        handle.data = None
+        return len(data)
+
+    @_operation
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        if self.read_only:
+            raise FuseOSError(errno.EROFS)
+        node = self.tree.lookup(path)
+        if node.kind is Kind.OBJECT:
+            raise FuseOSError(errno.EISDIR)
+        if length != 0:
+            # Truncation to 0 is what "> file" does before the write; any
+            # other length has no meaning for a property.
+            raise FuseOSError(errno.EINVAL)
+        return 0
+
+    def release(self, path: str, fi: Any) -> int:
+        with self._handles_lock:
+            self._handles.pop(fi.fh, None)
+        return 0
+
+    def flush(self, path: str, fi: Any) -> int:
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        return 0  # touch(1) works and changes nothing
+
+    # --- what a QOM tree cannot do -------------------------------------------
+
+    def _refuse(self, *args: Any) -> int:
+        raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+
+    create = mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
+    chmod = chown = _refuse

@@ -1,0 +1,342 @@
+"""The QOM tree as paths, objects and properties, with a short-TTL cache.
+
+:class:`QOMTree` answers filesystem-shaped questions ("what is at this path?",
+"what is in this object?", "what does this property say?") with as few QMP
+commands as it can, and turns QEMU's error replies into the exceptions of
+:mod:`qomfs.errors`.  It knows nothing of FUSE.
+
+Staleness: an object's property list and any property value may be served
+from the cache for up to ``ttl`` seconds after QEMU was asked.  A write drops
+what it may have changed; a ``DEVICE_DELETED`` event drops the device's
+subtree at once; a reconnection drops everything.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qomfs.cache import TTLCache
+from qomfs.errors import (
+    ExecuteError,
+    InvalidValue,
+    NotADirectory,
+    NotFound,
+    NotReadable,
+    NotWritable,
+    ReadFailed,
+)
+from qomfs.qmp import Event, QMPClient
+from qomfs.values import decode_text, format_value, parse_value
+
+log = logging.getLogger("qomfs.model")
+
+#: What ``readlink`` shows for a link property that points nowhere (value "").
+UNSET_LINK = "(unset)"
+#: The largest value a write may carry.
+MAX_WRITE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Property:
+    """One entry of ``qom-list``: a property's name and QOM type."""
+
+    name: str
+    type: str
+
+    @property
+    def is_child(self) -> bool:
+        return self.type.startswith("child<")
+
+    @property
+    def is_link(self) -> bool:
+        return self.type.startswith("link<")
+
+    @property
+    def target_type(self) -> str:
+        """``T`` of ``child<T>`` or ``link<T>``; the type itself otherwise."""
+        if self.is_child or self.is_link:
+            return self.type[self.type.index("<") + 1 : -1]
+        return self.type
+
+    @classmethod
+    def from_wire(cls, item: Any) -> Property:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ReadFailed(f"malformed qom-list entry {item!r}")
+        return cls(item["name"], str(item.get("type", "")))
+
+
+class Kind(enum.Enum):
+    OBJECT = "object"  # a directory
+    PROPERTY = "property"  # a regular file
+    LINK = "link"  # a symlink
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a filesystem path names."""
+
+    path: str
+    kind: Kind
+    prop: Property | None  # None only for the root
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An object's properties, in QEMU's order."""
+
+    path: str
+    properties: dict[str, Property]
+
+
+def split(path: str) -> tuple[str, str]:
+    """``/a/b/c`` -> (``/a/b``, ``c``)."""
+    parent, _, name = path.rpartition("/")
+    return parent or "/", name
+
+
+def join(obj: str, name: str) -> str:
+    return obj.rstrip("/") + "/" + name
+
+
+def relative_link(link_path: str, target: str) -> str:
+    """The relative symlink text that reaches ``target`` from ``link_path``."""
+    return posixpath.relpath(target, posixpath.dirname(link_path))
+
+
+class QOMTree:
+    """Cached, thread-safe access to one QEMU's QOM tree.
+
+    ``batch`` chooses ``qom-list-get`` (QEMU >= 10.1) for listings: ``None``
+    uses it when the server offers it.  ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        client: QMPClient,
+        ttl: float = 1.0,
+        *,
+        batch: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._batch_pref = batch
+        self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
+        self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
+        self._clock = clock
+        client.subscribe(self._on_event)
+        client.on_reconnect(self.invalidate_all)
+
+    @property
+    def batch(self) -> bool:
+        """Whether listings come from ``qom-list-get`` (with values)."""
+        if self._batch_pref is not None:
+            return self._batch_pref and self.client.has_command("qom-list-get")
+        return self.client.has_command("qom-list-get")
+
+    # --- cache control ------------------------------------------------------
+
+    def invalidate_all(self) -> None:
+        self._listings.invalidate()
+        self._values.invalidate()
+
+    def invalidate(self, path: str) -> None:
+        """Forget ``path``, everything below it, and its parent's listing."""
+        prefix = path.rstrip("/") + "/"
+        parent, _ = split(path)
+        self._listings.invalidate(lambda k: k in (path, parent) or k.startswith(prefix))
+        self._values.invalidate(lambda k: k[0] == path or k[0].startswith(prefix))
+
+    def _on_event(self, event: Event) -> None:
+        if event.name == "DEVICE_DELETED":
+            path = event.data.get("path")
+            if isinstance(path, str) and path.startswith("/"):
+                log.info("device %s deleted: dropping it from the cache", path)
+                self.invalidate(path)
+
+    # --- reading ------------------------------------------------------------
+
+    def listing(self, path: str) -> Listing:
+        """The properties of the object at ``path`` (cached).
+
+        Raises :class:`NotFound` when there is no such object.
+        """
+        return self._listings.get(path, lambda: self._fetch_listing(path))
+
+    def _fetch_listing(self, path: str) -> Listing:
+        if self.batch:
+            listings = self._fetch_batch([path])
+            if listings:
+                return listings[0]
+            # QEMU refused the batch: let qom-list say precisely why.
+        try:
+            reply = self.client.execute("qom-list", {"path": path})
+        except ExecuteError as err:
+            raise self._list_error(path, err) from err
+        if not isinstance(reply, list):
+            raise ReadFailed(f"qom-list {path}: unexpected reply {reply!r}")
+        props = [Property.from_wire(item) for item in reply]
+        return Listing(path, {p.name: p for p in props})
+
+    def _fetch_batch(self, paths: list[str]) -> list[Listing]:
+        """``qom-list-get`` for ``paths``; caches the values it brings.
+
+        Returns [] when QEMU refuses the batch (one invalid path fails it all).
+        """
+        started = self._clock()
+        try:
+            reply = self.client.execute("qom-list-get", {"paths": paths})
+        except ExecuteError as err:
+            log.debug("qom-list-get %s refused: %s", paths, err)
+            return []
+        if not isinstance(reply, list) or len(reply) != len(paths):
+            raise ReadFailed(f"qom-list-get: unexpected reply {reply!r:.200}")
+        out = []
+        for path, obj in zip(paths, reply, strict=True):
+            items = obj.get("properties", []) if isinstance(obj, dict) else []
+            props: dict[str, Property] = {}
+            for item in items:
+                prop = Property.from_wire(item)
+                props[prop.name] = prop
+                if "value" in item and not prop.is_child:
+                    self._values.put((path, prop.name), item["value"], started)
+            out.append(Listing(path, props))
+        return out
+
+    def readdir(self, path: str) -> list[Property]:
+        """The entries of the directory at ``path``.
+
+        With ``qom-list-get`` it also fetches, in one command, the listings
+        (and values) of the child objects, which a recursive walk visits next.
+        """
+        listing = self.listing(path)
+        if self.batch and self.ttl > 0:
+            missing = [
+                join(path, p.name)
+                for p in listing.properties.values()
+                if p.is_child and not self._listings.peek(join(path, p.name))[0]
+            ]
+            if missing:
+                started = self._clock()
+                for child in self._fetch_batch(missing):
+                    self._listings.put(child.path, child, started)
+        return list(listing.properties.values())
+
+    def lookup(self, path: str) -> Node:
+        """What ``path`` is.  Costs a command only when the parent is not cached."""
+        if path == "/":
+            return Node("/", Kind.OBJECT, None)
+        parent, name = split(path)
+        try:
+            listing = self.listing(parent)
+        except NotFound:
+            # The parent may be a property rather than a missing object.
+            grand, pname = split(parent)
+            if parent != "/" and self._is_leaf(grand, pname):
+                raise NotADirectory(f"{parent} is a property, not an object") from None
+            raise
+        prop = listing.properties.get(name)
+        if prop is None:
+            raise NotFound(f"{path}: no such object or property")
+        if prop.is_child:
+            return Node(path, Kind.OBJECT, prop)
+        return Node(path, Kind.LINK if prop.is_link else Kind.PROPERTY, prop)
+
+    def _is_leaf(self, obj: str, name: str) -> bool:
+        try:
+            prop = self.listing(obj).properties.get(name)
+        except NotFound:
+            return False
+        return prop is not None and not prop.is_child
+
+    def get(self, path: str) -> Any:
+        """The value of the property at ``path`` (cached for ``ttl``)."""
+        obj, name = split(path)
+        return self._values.get((obj, name), lambda: self._fetch_value(obj, name))
+
+    def _fetch_value(self, obj: str, name: str) -> Any:
+        try:
+            return self.client.execute("qom-get", {"path": obj, "property": name})
+        except ExecuteError as err:
+            raise self._get_error(obj, name, err) from err
+
+    def read_text(self, path: str) -> str:
+        """The text a file at ``path`` shows (see :mod:`qomfs.values`)."""
+        return format_value(self.get(path))
+
+    def readlink(self, path: str) -> str:
+        """The relative symlink text of the link property at ``path``.
+
+        An unset link (value ``""``) reads as :data:`UNSET_LINK`, a name that
+        resolves nowhere, so ``ls -l`` and ``find`` show a dangling link.
+        """
+        value = self.get(path)
+        if not isinstance(value, str) or not value.startswith("/"):
+            return UNSET_LINK
+        return relative_link(path, value)
+
+    # --- writing ------------------------------------------------------------
+
+    def write(self, path: str, data: bytes) -> None:
+        """Set the property at ``path`` from text, converted by its QOM type.
+
+        Raises :class:`InvalidValue` (text or value refused),
+        :class:`NotWritable`, :class:`NotFound`, or a QMP error.
+        """
+        if len(data) > MAX_WRITE:
+            raise InvalidValue(f"value of {len(data)} bytes is larger than {MAX_WRITE}")
+        node = self.lookup(path)
+        assert node.prop is not None or node.kind is Kind.OBJECT
+        if node.kind is Kind.OBJECT or node.prop is None:
+            raise NotWritable(f"{path} is an object, not a property")
+        value = parse_value(decode_text(data), node.prop.type)
+        self.set(path, value)
+
+    def set(self, path: str, value: Any) -> None:
+        """``qom-set`` the property at ``path`` to the JSON ``value``."""
+        obj, name = split(path)
+        try:
+            self.client.execute("qom-set", {"path": obj, "property": name, "value": value})
+        except ExecuteError as err:
+            raise self._set_error(obj, name, err) from err
+        finally:
+            # Whatever happened, the old value and the object's shape
+            # (links, realized) may be out of date now.
+            self._values.invalidate(lambda k: k == (obj, name))
+            self._listings.invalidate(lambda k: k == obj)
+
+    # --- QEMU's errors, classified -------------------------------------------
+
+    @staticmethod
+    def _list_error(path: str, err: ExecuteError) -> Exception:
+        if err.error_class == "DeviceNotFound":
+            return NotFound(f"{path}: no such object", err)
+        return ReadFailed(f"qom-list {path}: {err.desc}", err)
+
+    @staticmethod
+    def _get_error(obj: str, name: str, err: ExecuteError) -> Exception:
+        where = join(obj, name)
+        if err.error_class == "DeviceNotFound" or err.desc.endswith("not found"):
+            return NotFound(f"{where}: {err.desc}", err)
+        if "not readable" in err.desc:
+            return NotReadable(f"{where}: {err.desc}", err)
+        return ReadFailed(f"{where}: {err.desc}", err)
+
+    @staticmethod
+    def _set_error(obj: str, name: str, err: ExecuteError) -> Exception:
+        where = join(obj, name)
+        if "not writable" in err.desc:
+            return NotWritable(f"{where}: {err.desc}", err)
+        if err.error_class == "DeviceNotFound" and f"'{obj}'" in err.desc:
+            return NotFound(f"{where}: {err.desc}", err)
+        if err.error_class == "GenericError" and err.desc == f"Property '{name}' not found":
+            return NotFound(f"{where}: {err.desc}", err)
+        if err.desc.startswith("Property '") and err.desc.endswith(f".{name}' not found"):
+            return NotFound(f"{where}: {err.desc}", err)
+        return InvalidValue(f"{where}: {err.desc}", err)

@@ -1,0 +1,528 @@
+"""A thread-safe QMP client.
+
+One :class:`QMPClient` owns one socket to one QEMU monitor and is shared by any
+number of threads.  A reader thread parses the byte stream with an incremental
+JSON decoder (so ``pretty=on`` monitors work), matches replies to commands by
+``id``, hands events to subscribers and logs id-less errors without giving up
+the session.  Every command has a timeout.
+
+Life cycle (:class:`State`): ``IDLE`` -> ``READY`` after :meth:`QMPClient.connect`;
+``READY`` -> ``LOST`` when the peer goes away; ``LOST`` -> ``READY`` again when a
+later command reconnects (with back-off); any state -> ``CLOSED`` after
+:meth:`QMPClient.close`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import enum
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qomfs.errors import (
+    CommandTimeout,
+    ConnectError,
+    ConnectionLost,
+    ExecuteError,
+    ProtocolError,
+    QMPError,
+)
+
+log = logging.getLogger("qomfs.qmp")
+
+#: The QMP spec allows at most this many in-band commands in flight.
+MAX_IN_FLIGHT = 8
+#: A message larger than this is not QMP (QEMU's own limit is far lower).
+MAX_MESSAGE = 64 * 1024 * 1024
+
+_JSON_SPACE = " \t\r\n"
+
+
+class JSONStreamDecoder:
+    """Split a byte stream into JSON objects, whatever the line breaks.
+
+    QMP messages are JSON objects; a monitor with ``pretty=on`` spreads each
+    over many lines, and a read from the socket may end anywhere, even inside a
+    UTF-8 sequence.  Not thread-safe: one reader feeds it.
+    """
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._buf = ""
+        self._decoder = json.JSONDecoder()
+
+    @property
+    def pending(self) -> str:
+        """Text received but not yet decoded into a whole message."""
+        return self._buf
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes; return the messages they complete, in order.
+
+        Raises :class:`ProtocolError` when the stream cannot be QMP: a message
+        that is not a JSON object, or one that grows past :data:`MAX_MESSAGE`.
+        """
+        self._buf += self._utf8.decode(data)
+        out: list[dict[str, Any]] = []
+        buf, pos, end = self._buf, 0, len(self._buf)
+        while True:
+            while pos < end and buf[pos] in _JSON_SPACE:
+                pos += 1
+            if pos == end:
+                self._buf = ""
+                return out
+            if buf[pos] != "{":
+                raise ProtocolError(f"expected a JSON object, got {buf[pos : pos + 40]!r}")
+            try:
+                obj, pos = self._decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                # Most likely an incomplete message: wait for more bytes.
+                self._buf = buf[pos:]
+                if len(self._buf) > MAX_MESSAGE:
+                    raise ProtocolError("message too large or not valid JSON") from None
+                return out
+            out.append(obj)
+
+
+@dataclass(frozen=True)
+class Event:
+    """An asynchronous QMP event."""
+
+    name: str
+    data: dict[str, Any]
+    timestamp: float
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    READY = "ready"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict[str, Any] | None = None
+    lost: QMPError | None = None
+
+
+class _Connection:
+    """One negotiated socket and its reader thread; never reused once dead."""
+
+    def __init__(self, sock: socket.socket, decoder: JSONStreamDecoder, peer: str) -> None:
+        self.sock = sock
+        self.decoder = decoder
+        self.peer = peer
+        self.pending: dict[int, _Pending] = {}
+        self.lock = threading.Lock()  # guards pending and dead
+        self.send_lock = threading.Lock()
+        self.dead: QMPError | None = None
+        self.reader: threading.Thread | None = None
+
+    def fail(self, why: QMPError) -> None:
+        """Mark dead and wake every waiter with ``why``."""
+        with self.lock:
+            if self.dead is not None:
+                return
+            self.dead = why
+            waiters = list(self.pending.values())
+            self.pending.clear()
+        for p in waiters:
+            p.lost = why
+            p.done.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def describe_address(address: str) -> str:
+    """How an address is named in messages."""
+    return address if "/" in address else f"tcp:{address}"
+
+
+def is_unix_address(address: str) -> bool:
+    """A path (it contains a slash, or names an existing file) is a unix socket."""
+    return "/" in address or ":" not in address or os.path.exists(address)
+
+
+class QMPClient:
+    """A QMP connection shared by many threads.
+
+    ``address`` is a unix socket path or ``HOST:PORT``.  With ``listen=True``
+    the client creates a unix socket at ``address`` and waits for QEMU to
+    connect to it (QEMU started with ``-qmp unix:PATH`` and no ``server=on``).
+
+    :meth:`execute` is thread-safe.  Event callbacks run on the reader thread:
+    they must be quick and must not call :meth:`execute`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        reconnect: bool = True,
+        listen: bool = False,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.listen = listen
+        self.greeting: dict[str, Any] = {}
+        self.commands: frozenset[str] = frozenset()
+        self._conn: _Connection | None = None
+        self._state = State.IDLE
+        self._state_lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._counts_lock = threading.Lock()
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._reconnect_hooks: list[Callable[[], None]] = []
+        self._next_attempt = 0.0
+        self._backoff = 0.0
+        self._listener: socket.socket | None = None
+
+    # --- life cycle ---------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def __enter__(self) -> QMPClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect, read the greeting, negotiate capabilities, list commands.
+
+        Raises :class:`ConnectError` with a message fit for a user.
+        """
+        with self._connect_lock:
+            if self._state is State.CLOSED:
+                raise ConnectError("client is closed")
+            self._open()
+
+    def close(self) -> None:
+        """Close the connection; pending and later commands fail."""
+        with self._state_lock:
+            self._state = State.CLOSED
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail(ConnectionLost("connection closed by qomfs"))
+            conn.sock.close()
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
+            self._listener = None
+
+    def subscribe(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback(event)`` for every event, on the reader thread."""
+        self._subscribers.append(callback)
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every successful reconnection."""
+        self._reconnect_hooks.append(callback)
+
+    def has_command(self, name: str) -> bool:
+        """Whether the server lists ``name`` in ``query-commands``."""
+        return name in self.commands
+
+    @property
+    def version(self) -> str:
+        v = self.greeting.get("QMP", {}).get("version", {}).get("qemu", {})
+        return f"{v.get('major', '?')}.{v.get('minor', '?')}.{v.get('micro', '?')}"
+
+    # --- command counting ---------------------------------------------------
+
+    def command_counts(self) -> dict[str, int]:
+        """How many of each command this client has sent since it was made."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def total_commands(self) -> int:
+        with self._counts_lock:
+            return sum(self._counts.values())
+
+    # --- commands -----------------------------------------------------------
+
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run ``command`` and return its ``return`` value.
+
+        Raises :class:`ExecuteError` (QEMU's ``class`` and ``desc``),
+        :class:`CommandTimeout`, or :class:`ConnectionLost`.  Thread-safe.
+        """
+        conn = self._ready_connection()
+        return self._execute_on(
+            conn, command, arguments, self.timeout if timeout is None else timeout
+        )
+
+    def _execute_on(
+        self, conn: _Connection, command: str, arguments: dict[str, Any] | None, timeout: float
+    ) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        deadline = time.monotonic() + timeout
+        if not self._in_flight.acquire(timeout=timeout):
+            raise CommandTimeout(command, timeout)
+        try:
+            ident = next(self._ids)
+            msg["id"] = ident
+            pending = _Pending()
+            with conn.lock:
+                if conn.dead is not None:
+                    raise ConnectionLost(str(conn.dead))
+                conn.pending[ident] = pending
+            data = json.dumps(msg).encode() + b"\n"
+            with self._counts_lock:
+                self._counts[command] += 1
+            try:
+                with conn.send_lock:
+                    conn.sock.sendall(data)
+            except OSError as err:
+                self._lost(conn, ConnectionLost(f"sending {command!r} to {conn.peer}: {err}"))
+            if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+                with conn.lock:
+                    conn.pending.pop(ident, None)
+                raise CommandTimeout(command, timeout)
+        finally:
+            self._in_flight.release()
+        if pending.lost is not None:
+            raise ConnectionLost(str(pending.lost)) from pending.lost
+        reply = pending.reply
+        assert reply is not None
+        if "error" in reply:
+            error = reply["error"]
+            raise ExecuteError(
+                command, arguments or {}, str(error.get("class", "?")), str(error.get("desc", ""))
+            )
+        return reply.get("return")
+
+    def _ready_connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.dead is None:
+            return conn
+        if self._state is State.CLOSED:
+            raise ConnectionLost("client is closed")
+        if self._state is State.IDLE:
+            raise ConnectionLost("not connected")
+        if not self.reconnect:
+            raise ConnectionLost(f"connection to {describe_address(self.address)} lost")
+        with self._connect_lock:
+            conn = self._conn
+            if conn is not None and conn.dead is None:
+                return conn  # another thread reconnected meanwhile
+            now = time.monotonic()
+            if now < self._next_attempt:
+                raise ConnectionLost(f"connection to {describe_address(self.address)} lost")
+            self._backoff = min(max(self._backoff * 2, 0.1), 2.0)
+            self._next_attempt = now + self._backoff
+            try:
+                self._open(reconnecting=True)
+            except ConnectError as err:
+                raise ConnectionLost(f"reconnecting: {err}") from err
+            self._backoff = 0.0
+            log.warning("reconnected to %s (QEMU %s)", describe_address(self.address), self.version)
+        for hook in self._reconnect_hooks:
+            hook()
+        conn = self._conn
+        assert conn is not None
+        return conn
+
+    # --- connection ---------------------------------------------------------
+
+    def _socket(self) -> tuple[socket.socket, str]:
+        """A connected socket, or ConnectError."""
+        where = describe_address(self.address)
+        if self.listen:
+            return self._accept(), where
+        try:
+            if is_unix_address(self.address):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.connect_timeout)
+                sock.connect(self.address)
+            else:
+                host, _, port = self.address.rpartition(":")
+                sock = socket.create_connection(
+                    (host.strip("[]"), int(port)), timeout=self.connect_timeout
+                )
+        except FileNotFoundError:
+            raise ConnectError(f"{where}: no such socket (is QEMU running with -qmp?)") from None
+        except ConnectionRefusedError:
+            raise ConnectError(f"{where}: connection refused (nobody is listening)") from None
+        except (OSError, ValueError) as err:
+            raise ConnectError(f"{where}: {err}") from err
+        return sock, where
+
+    def _accept(self) -> socket.socket:
+        if self._listener is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(self.address)
+            except OSError as err:
+                listener.close()
+                raise ConnectError(f"cannot listen on {self.address}: {err}") from err
+            listener.listen(1)
+            self._listener = listener
+        self._listener.settimeout(self.connect_timeout)
+        try:
+            sock, _ = self._listener.accept()
+        except TimeoutError:
+            raise ConnectError(
+                f"{self.address}: QEMU did not connect within {self.connect_timeout:g} s"
+            ) from None
+        except OSError as err:
+            raise ConnectError(f"{self.address}: {err}") from err
+        return sock
+
+    def _open(self, reconnecting: bool = False) -> None:
+        sock, where = self._socket()
+        try:
+            decoder = JSONStreamDecoder()
+            greeting = self._read_greeting(sock, decoder, where)
+            sock.settimeout(None)
+            conn = _Connection(sock, decoder, where)
+            conn.reader = threading.Thread(
+                target=self._read_loop, args=(conn, greeting[1:]), name="qmp-reader", daemon=True
+            )
+            conn.reader.start()
+            try:
+                self._execute_on(conn, "qmp_capabilities", None, self.connect_timeout)
+                commands = self._execute_on(conn, "query-commands", None, self.connect_timeout)
+            except QMPError as err:
+                conn.fail(ConnectionLost(str(err)))
+                raise ConnectError(f"{where}: negotiating capabilities failed: {err}") from err
+        except BaseException:
+            sock.close()
+            raise
+        self.greeting = greeting[0]
+        self.commands = frozenset(
+            c["name"] for c in commands if isinstance(c, dict) and "name" in c
+        )
+        with self._state_lock:
+            old, self._conn = self._conn, conn
+            self._state = State.READY
+        if old is not None:
+            old.sock.close()
+        if not reconnecting:
+            log.info("connected to %s (QEMU %s)", where, self.version)
+
+    def _read_greeting(
+        self, sock: socket.socket, decoder: JSONStreamDecoder, where: str
+    ) -> list[dict[str, Any]]:
+        """Read until the greeting; return it and any messages after it."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if decoder.pending.strip():
+                    raise ConnectError(
+                        f"{where} does not speak QMP (it sent {decoder.pending[:60]!r})"
+                    )
+                raise ConnectError(
+                    f"{where}: connected, but no QMP greeting within {self.connect_timeout:g} s; "
+                    "the monitor is probably busy with another client (a QMP monitor serves one "
+                    "client at a time: give qomfs its own -qmp socket), or QEMU is stopped"
+                )
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise ConnectError(f"{where}: {err}") from err
+            if not data:
+                raise ConnectError(f"{where} closed the connection before greeting")
+            try:
+                messages = decoder.feed(data)
+            except ProtocolError:
+                raise ConnectError(f"{where} does not speak QMP (it sent {data[:60]!r})") from None
+            if messages:
+                if "QMP" not in messages[0]:
+                    raise ConnectError(
+                        f"{where} does not speak QMP (first message {messages[0]!r})"
+                    )
+                return messages
+
+    def _read_loop(self, conn: _Connection, early: list[dict[str, Any]]) -> None:
+        for msg in early:
+            self._dispatch(conn, msg)
+        why: QMPError
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except OSError as err:
+                why = ConnectionLost(f"reading from {conn.peer}: {err}")
+                break
+            if not data:
+                why = ConnectionLost(f"{conn.peer} closed the connection (QEMU gone?)")
+                break
+            try:
+                messages = conn.decoder.feed(data)
+            except ProtocolError as err:
+                why = err
+                break
+            for msg in messages:
+                self._dispatch(conn, msg)
+        self._lost(conn, why)
+
+    def _lost(self, conn: _Connection, why: QMPError) -> None:
+        if conn.dead is None and self._state is not State.CLOSED:
+            log.error("QMP connection lost: %s", why)
+        conn.fail(why)
+        with self._state_lock:
+            if self._conn is conn and self._state is State.READY:
+                self._state = State.LOST
+
+    def _dispatch(self, conn: _Connection, msg: dict[str, Any]) -> None:
+        if "event" in msg:
+            ts = msg.get("timestamp", {})
+            event = Event(
+                str(msg["event"]),
+                msg.get("data") or {},
+                ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6,
+            )
+            log.debug("event %s %s", event.name, event.data)
+            for callback in list(self._subscribers):
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("event subscriber failed on %s", event.name)
+            return
+        if "return" in msg or "error" in msg:
+            ident = msg.get("id")
+            if ident is None:
+                # QEMU sends id-less errors for input it could not parse.
+                log.warning("QEMU reported an error for no command: %s", msg.get("error"))
+                return
+            with conn.lock:
+                pending = conn.pending.pop(ident, None) if isinstance(ident, int) else None
+            if pending is None:
+                log.debug("reply to a command no longer waited for (id %r)", ident)
+                return
+            pending.reply = msg
+            pending.done.set()
+            return
+        log.warning("ignoring unexpected QMP message: %.200s", json.dumps(msg))

@@ -1,0 +1,124 @@
+"""Property values as text, and text back to typed JSON.
+
+The text format (README, "Text format"):
+
+* strings as they are; booleans ``true``/``false``; numbers in decimal;
+  anything else (structs, lists, null) as one line of JSON;
+* :func:`format_value` adds one trailing newline, :func:`parse_value` strips one;
+* writing back exactly what was read sets the same value.
+
+Writes are converted with the property's type from ``qom-list``, because QEMU
+refuses a JSON string where it wants a boolean or a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from qomfs.errors import InvalidValue
+
+#: Integer types and their ranges, as QOM names them.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "int8": (-(2**7), 2**7 - 1),
+    "int16": (-(2**15), 2**15 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "int": (-(2**63), 2**63 - 1),
+    "uint8": (0, 2**8 - 1),
+    "uint16": (0, 2**16 - 1),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+    "uint": (0, 2**64 - 1),
+    "size": (0, 2**64 - 1),
+}
+FLOAT_TYPES = frozenset({"number", "double", "float"})
+BOOL_TYPES = frozenset({"bool", "boolean"})
+STRING_TYPES = frozenset({"string", "str"})
+
+_TRUE = frozenset({"true", "on", "yes", "1"})
+_FALSE = frozenset({"false", "off", "no", "0"})
+_SIZE_SUFFIX = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
+
+
+def format_value(value: Any) -> str:
+    """The text a property file shows for a ``qom-get`` value (with newline)."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, int):
+        text = str(value)
+    elif isinstance(value, float):
+        text = repr(value) if math.isfinite(value) else json.dumps(value)
+    else:
+        text = json.dumps(value, ensure_ascii=False)
+    return text + "\n"
+
+
+def decode_text(data: bytes) -> str:
+    """Bytes written to a file as text: UTF-8, one trailing newline dropped."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidValue(f"value is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text
+
+
+def parse_value(text: str, qom_type: str) -> Any:
+    """Convert written text to the JSON value ``qom-set`` wants for ``qom_type``.
+
+    ``text`` has had its trailing newline removed (:func:`decode_text`).
+    Raises :class:`InvalidValue` when the text cannot be of that type.
+    """
+    if qom_type in STRING_TYPES:
+        return text
+    if qom_type.startswith("link<"):
+        return text
+    stripped = text.strip()
+    if qom_type in BOOL_TYPES:
+        word = stripped.lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise InvalidValue(f"{text!r} is not a boolean (write true or false)")
+    if qom_type in INT_RANGES:
+        return _parse_int(stripped, qom_type)
+    if qom_type in FLOAT_TYPES:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise InvalidValue(f"{text!r} is not a number") from None
+    # Enums, structs, lists and types we do not know: JSON when it looks like
+    # JSON, else the text as a string (an enum such as OnOffAuto takes "on").
+    if stripped[:1] in ("{", "[", '"') or stripped == "null":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise InvalidValue(f"invalid JSON for {qom_type}: {err}") from None
+    return text
+
+
+def _parse_int(text: str, qom_type: str) -> int:
+    low, high = INT_RANGES[qom_type]
+    value: int | None = None
+    try:
+        value = int(text, 10)
+    except ValueError:
+        try:
+            value = int(text, 0)  # 0x10, 0o17, 0b101
+        except ValueError:
+            match = _SIZE_RE.fullmatch(text) if qom_type == "size" else None
+            if match:
+                value = int(match.group(1)) << _SIZE_SUFFIX[match.group(2).lower()]
+    if value is None:
+        raise InvalidValue(f"{text!r} is not an integer ({qom_type})")
+    if not low <= value <= high:
+        raise InvalidValue(f"{value} is out of range for {qom_type} ({low} to {high})")
+    return value
