@@ -10,8 +10,10 @@ import errno
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
+import resource
 import stat
 import threading
 import time
@@ -50,6 +52,10 @@ ERRNO: dict[type[BaseException], int] = {
     ConnectionLost: errno.EIO,
     QomfsError: errno.EIO,  # anything else of ours: protocol errors, ...
 }
+
+#: On the mount's root: JSON with the daemon's QMP command counts and RSS.
+STATS_XATTR = "user.qomfs.stats"
+ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 
 #: ``st_size`` of a property file.  The real length is known only after a
 #: ``qom-get``; files are opened with direct I/O so readers see the whole value.
@@ -199,6 +205,32 @@ class QOMFS(Operations):  # type: ignore[misc]
     def statfs(self, path: str) -> dict[str, Any]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
 
+    # --- extended attributes -------------------------------------------------
+
+    def _stats(self) -> bytes:
+        client = self.tree.client
+        stats = {
+            "qemu": client.version,
+            "batch": self.tree.batch,
+            "ttl": self.tree.ttl,
+            "commands": client.command_counts(),
+            "total": client.total_commands(),
+            "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        }
+        return json.dumps(stats, sort_keys=True).encode()
+
+    @_operation
+    def listxattr(self, path: str) -> list[str]:
+        self.tree.lookup(path)
+        return [STATS_XATTR] if path == "/" else []
+
+    @_operation
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if path == "/" and name == STATS_XATTR:
+            return self._stats()
+        self.tree.lookup(path)
+        raise FuseOSError(ENOATTR)
+
     # --- files --------------------------------------------------------------
 
     @_operation
@@ -279,4 +311,4 @@ class QOMFS(Operations):  # type: ignore[misc]
         raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
 
     create = mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
-    chmod = chown = _refuse
+    chmod = chown = setxattr = removexattr = _refuse

@@ -1,0 +1,27 @@
+"""Shared fixtures: one bare q35 QEMU 7.2 and one mount of it per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import VM, Mount, mounted, qemu_vm
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
+    with qemu_vm(tmp_path_factory.mktemp("vm")) as machine:
+        yield machine
+
+
+@pytest.fixture(scope="module")
+def mnt(vm: VM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(vm.socket, tmp_path_factory.mktemp("mnt") / "qom") as m:
+        yield m
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,231 @@
+"""End to end: a real QEMU, a real FUSE mount, real tools.
+
+Every expectation comes from QEMU itself through an independent raw QMP
+client on the VM's second monitor, never from qomfs's own output.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import VM, Mount, RawQMP, walk_qmp
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
+
+
+def sh(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def expected_text(value: Any) -> str:
+    """The documented text format, written independently of qomfs.values."""
+    if value is True:
+        return "true\n"
+    if value is False:
+        return "false\n"
+    if isinstance(value, str):
+        return value + "\n"
+    if isinstance(value, int):
+        return f"{value}\n"
+    return json.dumps(value) + "\n"
+
+
+def fs_path(mnt: Mount, qom_path: str) -> Path:
+    return mnt.path / qom_path.lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def tree(vm: VM) -> dict[str, list[dict[str, str]]]:
+    with vm.qmp() as qmp:
+        return walk_qmp(qmp)
+
+
+def test_tree_matches_qmp(mnt: Mount, vm: VM, tree: dict[str, list[dict[str, str]]]) -> None:
+    """Every object, property and link of the bare q35 is in the mount, right."""
+    assert len(tree) > 200  # a bare q35 has ~250 objects
+    checked = {"dir": 0, "link": 0, "file": 0, "unreadable": 0}
+    with vm.qmp() as qmp:
+        for obj, props in tree.items():
+            d = fs_path(mnt, obj)
+            assert sorted(os.listdir(d)) == sorted(p["name"] for p in props), obj
+            for p in props:
+                path = d / p["name"]
+                qom = posixpath.join(obj, p["name"])
+                st = os.lstat(path)
+                if p["type"].startswith("child<"):
+                    assert stat.S_ISDIR(st.st_mode), qom
+                    checked["dir"] += 1
+                    continue
+                try:
+                    value = qmp.cmd("qom-get", path=obj, property=p["name"])
+                except RuntimeError as err:
+                    with pytest.raises(OSError) as exc:
+                        path.read_bytes()
+                    want = errno.EACCES if "not readable" in err.args[1] else errno.EIO
+                    assert exc.value.errno == want, (qom, err.args)
+                    checked["unreadable"] += 1
+                    continue
+                if p["type"].startswith("link<"):
+                    assert stat.S_ISLNK(st.st_mode), qom
+                    target = os.readlink(path)
+                    if value:
+                        assert target == posixpath.relpath(value, obj), qom
+                        assert os.path.realpath(path) == str(fs_path(mnt, value)), qom
+                    else:
+                        assert target == "(unset)"
+                        assert not os.path.exists(path)  # dangling, by design
+                    checked["link"] += 1
+                    continue
+                assert stat.S_ISREG(st.st_mode), qom
+                text = path.read_text()
+                if text != expected_text(value):
+                    # A few values move on their own (rtc-time); read again.
+                    again = qmp.cmd("qom-get", path=obj, property=p["name"])
+                    assert again != value, (qom, text, value)
+                checked["file"] += 1
+    assert checked["dir"] == len(tree) - 1
+    assert checked["link"] > 200 and checked["file"] > 1000, checked
+    assert checked["unreadable"] >= 1, checked
+
+
+def test_example_session(mnt: Mount, vm: VM) -> None:
+    """The session from the README, with the real shell tools."""
+    with vm.qmp() as qmp:
+        root = sorted(p["name"] for p in qmp.cmd("qom-list", path="/"))
+        machine_type = qmp.cmd("qom-get", path="/machine", property="type")
+        bus = qmp.cmd("qom-get", path="/machine/q35", property="parent_bus")
+        graphics = qmp.cmd("qom-get", path="/machine", property="graphics")
+        assert run("ls", str(mnt.path)).stdout.split() == root
+        assert run("cat", f"{mnt.path}/machine/type").stdout == machine_type + "\n"
+        link = run("readlink", f"{mnt.path}/machine/q35/parent_bus").stdout.strip()
+        assert link == posixpath.relpath(bus, "/machine/q35")
+        try:
+            new = "false" if graphics else "true"
+            res = sh(f"echo {new} > {mnt.path}/machine/graphics")
+            assert res.returncode == 0, res.stderr
+            assert qmp.cmd("qom-get", path="/machine", property="graphics") is (not graphics)
+            assert run("cat", f"{mnt.path}/machine/graphics").stdout == f"{new}\n"
+        finally:
+            qmp.cmd("qom-set", path="/machine", property="graphics", value=graphics)
+
+
+def test_ls_find_grep_stat(mnt: Mount, tree: dict[str, list[dict[str, str]]]) -> None:
+    props = [(o, p) for o, ps in tree.items() for p in ps]
+    links = sum(p["type"].startswith("link<") for _, p in props)
+    children = sum(p["type"].startswith("child<") for _, p in props)
+    files = len(props) - links - children
+    m = str(mnt.path)
+    assert run("ls", "-R", m).returncode == 0
+    assert run("ls", "-lR", m).returncode == 0
+    assert len(run("find", m, "-type", "l").stdout.splitlines()) == links
+    assert len(run("find", m, "-type", "d").stdout.splitlines()) == len(tree)
+    assert len(run("find", m, "-type", "f").stdout.splitlines()) == files
+    # grep -r reads every file; unreadable properties make it exit 2.
+    grep = run("grep", "-r", "-c", "", f"{m}/machine/q35", check=False)
+    assert grep.returncode in (0, 2)
+    counts = dict(line.rsplit(":", 1) for line in grep.stdout.splitlines())
+    assert counts[f"{m}/machine/q35/type"] == "1"
+    st = run("stat", "-c", "%u %g %F", f"{m}/machine/type").stdout.strip().split(maxsplit=2)
+    assert st == [str(os.getuid()), str(os.getgid()), "regular file"]
+
+
+def test_inodes_are_stable_and_distinct(mnt: Mount, tree: dict[str, list[dict[str, str]]]) -> None:
+    paths = [fs_path(mnt, o) / p["name"] for o, ps in list(tree.items())[:20] for p in ps]
+    first = [os.lstat(p).st_ino for p in paths]
+    second = [os.lstat(p).st_ino for p in paths]
+    assert first == second
+    assert len(set(first)) == len(first)
+    # readdir reports the same inode (and type) as stat, so ls -R needs no stat
+    with os.scandir(mnt.path / "machine") as it:
+        for entry in it:
+            assert entry.inode() == os.lstat(entry.path).st_ino
+
+
+def test_read_ignores_st_size(mnt: Mount, vm: VM) -> None:
+    """Files report a placeholder size; every reader still gets the whole value."""
+    with vm.qmp() as qmp:
+        smp = qmp.cmd("qom-get", path="/machine", property="smp")
+    path = mnt.path / "machine" / "smp"
+    assert os.stat(path).st_size != len(expected_text(smp))
+    assert json.loads(path.read_text()) == smp
+    with open(path, "rb", buffering=0) as f:
+        chunks = []
+        while chunk := f.read(7):
+            chunks.append(chunk)
+    assert json.loads(b"".join(chunks)) == smp
+
+
+@pytest.mark.parametrize(
+    ("prop", "text", "err"),
+    [
+        ("graphics", "maybe", "Invalid argument"),
+        ("graphics", '"true"', "Invalid argument"),
+        ("type", "pc", "Permission denied"),
+        ("unattached", "x", "Is a directory"),
+    ],
+)
+def test_bad_writes_fail_and_change_nothing(
+    mnt: Mount, vm: VM, prop: str, text: str, err: str
+) -> None:
+    with vm.qmp() as qmp:
+        before = qmp.cmd("qom-get", path="/machine", property=prop)
+        res = sh(f"echo '{text}' > {mnt.path}/machine/{prop}")
+        assert res.returncode != 0
+        assert err in res.stderr
+        assert qmp.cmd("qom-get", path="/machine", property=prop) == before
+
+
+def test_missing_paths_are_enoent(mnt: Mount) -> None:
+    with pytest.raises(FileNotFoundError):
+        (mnt.path / "machine" / "nope").read_text()
+    with pytest.raises(FileNotFoundError):
+        os.listdir(mnt.path / "nope")
+    with pytest.raises(NotADirectoryError):
+        os.stat(mnt.path / "machine" / "type" / "x")
+    for op in (
+        lambda: os.mkdir(mnt.path / "machine" / "new"),
+        lambda: os.unlink(mnt.path / "machine" / "type"),
+        lambda: (mnt.path / "machine" / "newfile").write_text("1"),
+    ):
+        with pytest.raises(PermissionError):
+            op()
+
+
+def test_listing_then_stat_costs_nothing(mnt: Mount, vm: VM) -> None:
+    """The cache: stat after a listing and repeated reads within the TTL."""
+    d = mnt.path / "machine" / "q35"
+    names = os.listdir(d)
+    before = mnt.commands()
+    for name in names:
+        os.lstat(d / name)
+    assert mnt.commands() == before
+    (d / "type").read_text()
+    after_one = mnt.commands()
+    assert after_one - before <= 1
+    (d / "type").read_text()
+    assert mnt.commands() - after_one <= 1
+
+
+def test_ls_r_costs_one_command_per_object(
+    mnt: Mount, tree: dict[str, list[dict[str, str]]]
+) -> None:
+    import time
+
+    time.sleep(1.1)  # let the TTL run out: a cold walk
+    before = mnt.stats()["commands"]
+    run("ls", "-R", str(mnt.path))
+    after = mnt.stats()["commands"]
+    spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert sum(spent.values()) <= len(tree) + 2, spent
+    assert spent.get("qom-get", 0) == 0, spent
