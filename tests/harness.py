@@ -174,8 +174,9 @@ def qemu_vm(
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     vm = VM(host_dir / main_sock, proc, log, [host_dir / test_sock])
     try:
+        socks = (vm.socket, *vm.extra_sockets)
         wait_for(
-            lambda: proc.poll() is not None or all(p.exists() for p in (vm.socket, *vm.extra_sockets)),
+            lambda: proc.poll() is not None or all(p.exists() for p in socks),
             30,
             "QEMU's QMP sockets",
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import VM, Mount, RawQMP, walk_qmp
+from tests.harness import VM, Mount, walk_qmp
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
