@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for QEMU to answer a command (default 5)",
     )
     p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the socket and QEMU's greeting (default 5)",
+    )
+    p.add_argument(
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
     )
     p.add_argument("--log", metavar="FILE", help="log here once detached (default: nowhere)")
@@ -131,7 +138,7 @@ def _serve(
     from qomfs.fs import QOMFS
     from qomfs.model import QOMTree
 
-    client = QMPClient(socket_path, timeout=args.timeout)
+    client = QMPClient(socket_path, timeout=args.timeout, connect_timeout=args.connect_timeout)
     try:
         client.connect()
     except QomfsError as err:
@@ -149,7 +156,12 @@ def _serve(
         try:
             FUSE(ops, mountpoint, foreground=True, raw_fi=True, use_ino=True, **kwargs)
         except RuntimeError as err:
-            return _fail(f"mounting {mountpoint} failed ({err})")
+            if ops.mounted:
+                # libfuse reports an exit by SIGINT/SIGTERM as an error (8),
+                # after it has unmounted cleanly: that is a normal stop.
+                log.info("stopped by a signal; unmounted")
+                return 0
+            return _fail(f"mounting {mountpoint} failed (libfuse status {err})")
     finally:
         client.close()
     return 0

@@ -140,6 +140,7 @@ class QOMFS(Operations):  # type: ignore[misc]
         self.tree = tree
         self.read_only = read_only
         self.on_ready = on_ready
+        self.mounted = False  # set once the kernel has sent INIT
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.mounted_at = int(time.time() * 1e9)
@@ -150,6 +151,7 @@ class QOMFS(Operations):  # type: ignore[misc]
     # --- life cycle ---------------------------------------------------------
 
     def init(self, path: str) -> None:
+        self.mounted = True
         if self.on_ready is not None:
             self.on_ready()
 

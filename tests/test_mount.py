@@ -6,18 +6,14 @@ client on the VM's second monitor, never from qomfs's own output.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
-import stat
 import subprocess
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.harness import VM, Mount, walk_qmp
+from tests.harness import VM, Mount, assert_mount_matches, expected_text, fs_path, walk_qmp
 
 
 def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -28,23 +24,6 @@ def sh(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
 
 
-def expected_text(value: Any) -> str:
-    """The documented text format, written independently of qomfs.values."""
-    if value is True:
-        return "true\n"
-    if value is False:
-        return "false\n"
-    if isinstance(value, str):
-        return value + "\n"
-    if isinstance(value, int):
-        return f"{value}\n"
-    return json.dumps(value) + "\n"
-
-
-def fs_path(mnt: Mount, qom_path: str) -> Path:
-    return mnt.path / qom_path.lstrip("/")
-
-
 @pytest.fixture(scope="module")
 def tree(vm: VM) -> dict[str, list[dict[str, str]]]:
     with vm.qmp() as qmp:
@@ -53,50 +32,8 @@ def tree(vm: VM) -> dict[str, list[dict[str, str]]]:
 
 def test_tree_matches_qmp(mnt: Mount, vm: VM, tree: dict[str, list[dict[str, str]]]) -> None:
     """Every object, property and link of the bare q35 is in the mount, right."""
-    assert len(tree) > 200  # a bare q35 has ~250 objects
-    checked = {"dir": 0, "link": 0, "file": 0, "unreadable": 0}
     with vm.qmp() as qmp:
-        for obj, props in tree.items():
-            d = fs_path(mnt, obj)
-            assert sorted(os.listdir(d)) == sorted(p["name"] for p in props), obj
-            for p in props:
-                path = d / p["name"]
-                qom = posixpath.join(obj, p["name"])
-                st = os.lstat(path)
-                if p["type"].startswith("child<"):
-                    assert stat.S_ISDIR(st.st_mode), qom
-                    checked["dir"] += 1
-                    continue
-                try:
-                    value = qmp.cmd("qom-get", path=obj, property=p["name"])
-                except RuntimeError as err:
-                    with pytest.raises(OSError) as exc:
-                        path.read_bytes()
-                    want = errno.EACCES if "not readable" in err.args[1] else errno.EIO
-                    assert exc.value.errno == want, (qom, err.args)
-                    checked["unreadable"] += 1
-                    continue
-                if p["type"].startswith("link<"):
-                    assert stat.S_ISLNK(st.st_mode), qom
-                    target = os.readlink(path)
-                    if value:
-                        assert target == posixpath.relpath(value, obj), qom
-                        assert os.path.realpath(path) == str(fs_path(mnt, value)), qom
-                    else:
-                        assert target == "(unset)"
-                        assert not os.path.exists(path)  # dangling, by design
-                    checked["link"] += 1
-                    continue
-                assert stat.S_ISREG(st.st_mode), qom
-                text = path.read_text()
-                if text != expected_text(value):
-                    # A few values move on their own (rtc-time); read again.
-                    again = qmp.cmd("qom-get", path=obj, property=p["name"])
-                    assert again != value, (qom, text, value)
-                checked["file"] += 1
-    assert checked["dir"] == len(tree) - 1
-    assert checked["link"] > 200 and checked["file"] > 1000, checked
-    assert checked["unreadable"] >= 1, checked
+        assert_mount_matches(mnt, qmp, tree)
 
 
 def test_example_session(mnt: Mount, vm: VM) -> None:
