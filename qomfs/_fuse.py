@@ -17,6 +17,9 @@ def _load() -> Any:
         import fuse
 
         return fuse
+    # mfusepy takes libfuse2 when both are installed; we want libfuse3.
+    if not os.environ.get("FUSE_LIBRARY_PATH"):
+        os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     try:
         import mfusepy
 
