@@ -27,11 +27,24 @@ examples:
   QMP_SOCKET=/tmp/vm.sock qom-fuse /mnt/qom
   qom-fuse -f -v -s localhost:4444 /mnt/qom   QMP over TCP, stay in the foreground
   qom-fuse -o ro,allow_other -s /tmp/vm.sock /mnt/qom
+  qom-fuse /tmp/vm.sock /mnt/qom -o ro     the form mount.fuse and /etc/fstab use
+  qom-fuse --listen /tmp/vm.sock /mnt/qom && qemu-system-x86_64 -qmp unix:/tmp/vm.sock ...
   fusermount -u /mnt/qom                   unmount
 
 QEMU needs a QMP monitor of its own for qomfs, e.g.
   qemu-system-x86_64 ... -qmp unix:/tmp/vm.sock,server=on,wait=off
 """
+
+
+#: Options of ours that may also come through ``-o`` (as /etc/fstab gives them).
+OWN_OPTIONS = {
+    "ttl": "ttl",
+    "timeout": "timeout",
+    "connect_timeout": "connect_timeout",
+    "no_batch": "no_batch",
+    "allow_unrealize": "allow_unrealize",
+    "listen": "listen",
+}
 
 
 def parse_options(text: str) -> dict[str, str | bool]:
@@ -54,9 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[SOCKET] MOUNTPOINT",
+        help="the directory to mount on; a QMP socket may come first (as mount.fuse gives it)",
+    )
+    p.add_argument(
         "-s", "--socket", help="QMP socket: a unix socket path or HOST:PORT (default: $QMP_SOCKET)"
     )
-    p.add_argument("mountpoint", help="directory to mount on")
+    p.add_argument(
+        "--listen",
+        metavar="PATH",
+        help="create a unix socket at PATH and let QEMU connect to it (QEMU: -qmp unix:PATH "
+        "without server=on); the race-free launch, and QEMU may come and go",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument(
         "-o",
@@ -64,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="OPT[,OPT...]",
-        help="mount options: ro, allow_other, auto_unmount, ...",
+        help="mount options: ro, allow_other, noauto_unmount, ..., and ours: ttl=S, "
+        "timeout=S, no_batch, allow_unrealize",
     )
     p.add_argument(
         "--ttl",
@@ -91,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
     )
+    p.add_argument(
+        "--allow-unrealize",
+        action="store_true",
+        help="let 'echo false > DEVICE/realized' unrealize a device (refused by default)",
+    )
     p.add_argument("--log", metavar="FILE", help="log here once detached (default: nowhere)")
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)"
@@ -99,23 +129,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_own_options(args: argparse.Namespace, options: dict[str, str | bool]) -> None:
+    """Move our options out of the FUSE mount options into ``args``."""
+    for key, attr in OWN_OPTIONS.items():
+        if key not in options:
+            continue
+        value = options.pop(key)
+        default = getattr(args, attr)
+        if isinstance(default, bool):
+            setattr(args, attr, value is True or str(value).lower() in ("1", "yes", "true", "on"))
+        elif isinstance(default, float):
+            setattr(args, attr, float(str(value)))
+        else:
+            setattr(args, attr, str(value))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="qom-fuse: %(levelname)s: %(name)s: %(message)s",
     )
-    socket_path = args.socket or os.environ.get("QMP_SOCKET")
-    if not socket_path:
-        return _fail("no QMP socket: give -s SOCKET or set QMP_SOCKET")
-    mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mountpoint):
-        return _fail(f"{args.mountpoint}: not a directory")
-    if os.path.ismount(mountpoint):
-        return _fail(f"{args.mountpoint}: already a mount point")
+    if len(args.paths) > 2:
+        parser.error("too many arguments: give [SOCKET] MOUNTPOINT")
+    if len(args.paths) == 2:
+        if args.socket:
+            parser.error("a socket was given both with -s and as an argument")
+        args.socket = args.paths[0]
     options: dict[str, str | bool] = {}
     for text in args.options:
         options.update(parse_options(text))
+    try:
+        _take_own_options(args, options)
+    except ValueError as err:
+        return _fail(f"bad -o option: {err}")
+    # A killed daemon must not leave "Transport endpoint is not connected".
+    if not options.pop("noauto_unmount", False):
+        options.setdefault("auto_unmount", True)
+    socket_path = args.listen or args.socket or os.environ.get("QMP_SOCKET")
+    if not socket_path:
+        return _fail("no QMP socket: give -s SOCKET or set QMP_SOCKET")
+    mountpoint_arg = args.paths[-1]
+    mountpoint = os.path.abspath(mountpoint_arg)
+    if not os.path.isdir(mountpoint):
+        return _fail(f"{mountpoint_arg}: not a directory")
+    if os.path.ismount(mountpoint):
+        return _fail(f"{mountpoint_arg}: already a mount point")
     if args.foreground:
         return _serve(args, socket_path, mountpoint, options, None)
     return _daemonize(lambda ready: _serve(args, socket_path, mountpoint, options, ready), args.log)
@@ -138,15 +198,26 @@ def _serve(
     from qomfs.fs import QOMFS
     from qomfs.model import QOMTree
 
-    client = QMPClient(socket_path, timeout=args.timeout, connect_timeout=args.connect_timeout)
+    client = QMPClient(
+        socket_path,
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+        listen=bool(args.listen),
+    )
     try:
         client.connect()
     except QomfsError as err:
         return _fail(str(err))
     try:
-        tree = QOMTree(client, ttl=args.ttl, batch=False if args.no_batch else None)
+        tree = QOMTree(
+            client,
+            ttl=args.ttl,
+            batch=False if args.no_batch else None,
+            allow_unrealize=args.allow_unrealize,
+        )
         ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready)
-        log.info("QEMU %s, qom-list-get %s", client.version, "used" if tree.batch else "not used")
+        if not args.listen:
+            log.info("QEMU %s, qom-list-get %s", client.version, "used" if tree.batch else "unused")
         kwargs: dict[str, object] = {
             "fsname": f"qom:{socket_path}",
             "subtype": "qom-fuse",

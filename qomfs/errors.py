@@ -89,12 +89,21 @@ class NotWritable(QOMError):
     """The property has no setter (QEMU: "is not writable"), or it is a child."""
 
 
+class Guarded(QOMError):
+    """A write qomfs refuses on purpose: it would tear down part of the VM
+    (``realized`` set to false) and the mount was not told to allow that."""
+
+
 class NotReadable(QOMError):
     """The property has no getter (QEMU: "is not readable")."""
 
 
 class InvalidValue(QOMError):
     """The text written cannot be converted, or QEMU refused the value."""
+
+
+class ValueTooLarge(InvalidValue):
+    """More bytes than any property value may have."""
 
 
 class ReadFailed(QOMError):

@@ -26,6 +26,7 @@ from qomfs.errors import (
     CommandTimeout,
     ConnectionLost,
     ExecuteError,
+    Guarded,
     InvalidValue,
     NotADirectory,
     NotFound,
@@ -34,6 +35,7 @@ from qomfs.errors import (
     QOMError,
     QomfsError,
     ReadFailed,
+    ValueTooLarge,
 )
 from qomfs.model import Kind, Node, QOMTree, join
 
@@ -47,6 +49,8 @@ ERRNO: dict[type[BaseException], int] = {
     NotWritable: errno.EACCES,
     NotReadable: errno.EACCES,
     InvalidValue: errno.EINVAL,
+    ValueTooLarge: errno.EFBIG,
+    Guarded: errno.EPERM,
     ReadFailed: errno.EIO,
     CommandTimeout: errno.ETIMEDOUT,
     ConnectionLost: errno.EIO,

@@ -24,12 +24,14 @@ from typing import Any
 from qomfs.cache import TTLCache
 from qomfs.errors import (
     ExecuteError,
+    Guarded,
     InvalidValue,
     NotADirectory,
     NotFound,
     NotReadable,
     NotWritable,
     ReadFailed,
+    ValueTooLarge,
 )
 from qomfs.qmp import Event, QMPClient
 from qomfs.values import decode_text, format_value, parse_value
@@ -113,7 +115,8 @@ class QOMTree:
     """Cached, thread-safe access to one QEMU's QOM tree.
 
     ``batch`` chooses ``qom-list-get`` (QEMU >= 10.1) for listings: ``None``
-    uses it when the server offers it.  ``clock`` is injectable for tests.
+    uses it when the server offers it.  ``allow_unrealize`` lets a write of
+    ``false`` to ``realized`` through.  ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -122,10 +125,12 @@ class QOMTree:
         ttl: float = 1.0,
         *,
         batch: bool | None = None,
+        allow_unrealize: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.ttl = ttl
+        self.allow_unrealize = allow_unrealize
         self._batch_pref = batch
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
         self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
@@ -290,12 +295,17 @@ class QOMTree:
         :class:`NotWritable`, :class:`NotFound`, or a QMP error.
         """
         if len(data) > MAX_WRITE:
-            raise InvalidValue(f"value of {len(data)} bytes is larger than {MAX_WRITE}")
+            raise ValueTooLarge(f"value of {len(data)} bytes is larger than {MAX_WRITE}")
         node = self.lookup(path)
         assert node.prop is not None or node.kind is Kind.OBJECT
         if node.kind is Kind.OBJECT or node.prop is None:
             raise NotWritable(f"{path} is an object, not a property")
         value = parse_value(decode_text(data), node.prop.type)
+        if node.prop.name == "realized" and value is False and not self.allow_unrealize:
+            # Unrealizing a live device tears it out of the running guest.
+            raise Guarded(
+                f"{path}: refusing to unrealize a device (mount with --allow-unrealize to permit)"
+            )
         self.set(path, value)
 
     def set(self, path: str, value: Any) -> None:

@@ -185,6 +185,7 @@ class QMPClient:
         self._conn: _Connection | None = None
         self._state = State.IDLE
         self._state_lock = threading.Lock()
+        self._ready = threading.Condition(self._state_lock)  # a connection came or went
         self._connect_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
@@ -202,6 +203,10 @@ class QMPClient:
     def state(self) -> State:
         return self._state
 
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
     def __enter__(self) -> QMPClient:
         self.connect()
         return self
@@ -212,11 +217,17 @@ class QMPClient:
     def connect(self) -> None:
         """Connect, read the greeting, negotiate capabilities, list commands.
 
-        Raises :class:`ConnectError` with a message fit for a user.
+        With ``listen=True``: create the socket and return at once; QEMU is
+        accepted (again and again, after each loss) by a background thread,
+        and commands wait for it.  Raises :class:`ConnectError` with a message
+        fit for a user.
         """
         with self._connect_lock:
             if self._state is State.CLOSED:
                 raise ConnectError("client is closed")
+            if self.listen:
+                self._start_listening()
+                return
             self._open()
 
     def close(self) -> None:
@@ -224,6 +235,7 @@ class QMPClient:
         with self._state_lock:
             self._state = State.CLOSED
             conn, self._conn = self._conn, None
+            self._ready.notify_all()
         if conn is not None:
             conn.fail(ConnectionLost("connection closed by qomfs"))
             conn.sock.close()
@@ -324,6 +336,8 @@ class QMPClient:
             return conn
         if self._state is State.CLOSED:
             raise ConnectionLost("client is closed")
+        if self.listen:
+            return self._wait_for_qemu()
         if self._state is State.IDLE:
             raise ConnectionLost("not connected")
         if not self.reconnect:
@@ -354,8 +368,6 @@ class QMPClient:
     def _socket(self) -> tuple[socket.socket, str]:
         """A connected socket, or ConnectError."""
         where = describe_address(self.address)
-        if self.listen:
-            return self._accept(), where
         try:
             if is_unix_address(self.address):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -374,31 +386,77 @@ class QMPClient:
             raise ConnectError(f"{where}: {err}") from err
         return sock, where
 
-    def _accept(self) -> socket.socket:
-        if self._listener is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                listener.bind(self.address)
-            except OSError as err:
-                listener.close()
-                raise ConnectError(f"cannot listen on {self.address}: {err}") from err
-            listener.listen(1)
-            self._listener = listener
-        self._listener.settimeout(self.connect_timeout)
+    # --- listening (QEMU connects to us) ----------------------------------------
+
+    #: How long a command waits for QEMU to (re)connect in listen mode.
+    LISTEN_WAIT = 1.0
+
+    def _start_listening(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock, _ = self._listener.accept()
-        except TimeoutError:
-            raise ConnectError(
-                f"{self.address}: QEMU did not connect within {self.connect_timeout:g} s"
-            ) from None
+            listener.bind(self.address)
+            listener.listen(1)
         except OSError as err:
-            raise ConnectError(f"{self.address}: {err}") from err
-        return sock
+            listener.close()
+            raise ConnectError(f"cannot listen on {self.address}: {err}") from err
+        listener.settimeout(0.2)  # so the acceptor notices close()
+        self._listener = listener
+        threading.Thread(target=self._accept_loop, name="qmp-acceptor", daemon=True).start()
+        log.info("listening on %s for QEMU", self.address)
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        accepted = 0
+        while True:
+            with self._ready:
+                while self._alive() and not self.closed:
+                    self._ready.wait()
+                if self.closed:
+                    return
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as err:
+                if self.closed:
+                    return
+                log.warning("accepting on %s: %s", self.address, err)
+                time.sleep(0.2)
+                continue
+            try:
+                self._adopt(sock, self.address, reconnecting=accepted > 0)
+            except ConnectError as err:
+                log.warning("a peer on %s: %s", self.address, err)
+                continue
+            accepted += 1
+            log.warning("QEMU %s connected on %s", self.version, self.address)
+            if accepted > 1:
+                for hook in self._reconnect_hooks:
+                    hook()
+
+    def _alive(self) -> bool:
+        return self._conn is not None and self._conn.dead is None
+
+    def _wait_for_qemu(self) -> _Connection:
+        deadline = time.monotonic() + min(self.timeout, self.LISTEN_WAIT)
+        with self._ready:
+            while not self._alive():
+                left = deadline - time.monotonic()
+                if self._state is State.CLOSED or left <= 0:
+                    raise ConnectionLost(f"QEMU is not connected to {self.address}")
+                self._ready.wait(left)
+            assert self._conn is not None
+            return self._conn
 
     def _open(self, reconnecting: bool = False) -> None:
         sock, where = self._socket()
+        self._adopt(sock, where, reconnecting)
+
+    def _adopt(self, sock: socket.socket, where: str, reconnecting: bool) -> None:
+        """Greet and negotiate on a fresh socket; make it the connection."""
         try:
             decoder = JSONStreamDecoder()
             greeting = self._read_greeting(sock, decoder, where)
@@ -422,8 +480,12 @@ class QMPClient:
             c["name"] for c in commands if isinstance(c, dict) and "name" in c
         )
         with self._state_lock:
+            if self._state is State.CLOSED:
+                conn.fail(ConnectionLost("client is closed"))
+                return
             old, self._conn = self._conn, conn
             self._state = State.READY
+            self._ready.notify_all()
         if old is not None:
             old.sock.close()
         if not reconnecting:
@@ -495,6 +557,7 @@ class QMPClient:
         with self._state_lock:
             if self._conn is conn and self._state is State.READY:
                 self._state = State.LOST
+            self._ready.notify_all()
 
     def _dispatch(self, conn: _Connection, msg: dict[str, Any]) -> None:
         if "event" in msg:
