@@ -222,6 +222,9 @@ def _serve(
             "fsname": f"qom:{socket_path}",
             "subtype": "qom-fuse",
             "default_permissions": True,
+            # The kernel's own caches must not outlive ours.
+            "entry_timeout": min(args.ttl, 1.0),
+            "attr_timeout": min(args.ttl, 1.0),
         }
         kwargs.update(options)
         try:

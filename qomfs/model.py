@@ -96,6 +96,16 @@ class Listing:
     properties: dict[str, Property]
 
 
+def is_destructive(name: str, value: Any) -> bool:
+    """Writes that tear a live device out of the guest, or that crash QEMU.
+
+    ``realized=false`` unrealizes a running device; any write to
+    ``cpu-hotplug-legacy`` aborts QEMU 7.2 (seen: setting it to its own
+    value, true, killed the VM).
+    """
+    return (name == "realized" and value is False) or name == "cpu-hotplug-legacy"
+
+
 def split(path: str) -> tuple[str, str]:
     """``/a/b/c`` -> (``/a/b``, ``c``)."""
     parent, _, name = path.rpartition("/")
@@ -301,10 +311,10 @@ class QOMTree:
         if node.kind is Kind.OBJECT or node.prop is None:
             raise NotWritable(f"{path} is an object, not a property")
         value = parse_value(decode_text(data), node.prop.type)
-        if node.prop.name == "realized" and value is False and not self.allow_unrealize:
-            # Unrealizing a live device tears it out of the running guest.
+        if not self.allow_unrealize and is_destructive(node.prop.name, value):
             raise Guarded(
-                f"{path}: refusing to unrealize a device (mount with --allow-unrealize to permit)"
+                f"{path}: refusing a write that can tear down or crash the VM "
+                "(mount with --allow-unrealize to permit)"
             )
         self.set(path, value)
 

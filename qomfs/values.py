@@ -34,6 +34,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "uint": (0, 2**64 - 1),
     "size": (0, 2**64 - 1),
 }
+# QEMU also names a few integer properties with C type names (``uint64_t``).
+INT_RANGES.update({f"{name}_t": span for name, span in list(INT_RANGES.items()) if "int" in name})
 FLOAT_TYPES = frozenset({"number", "double", "float"})
 BOOL_TYPES = frozenset({"bool", "boolean"})
 STRING_TYPES = frozenset({"string", "str"})

@@ -225,6 +225,7 @@ def mounted(
     *args: str,
     env: dict[str, str] | None = None,
     check_exit: bool = True,
+    listen: bool = False,
 ) -> Iterator[Mount]:
     """Run ``qom-fuse -f -v`` in a subprocess; yield once the mount is up.
 
@@ -234,7 +235,8 @@ def mounted(
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}.log"
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    cmd = [*qomfs_command(), "-f", "-v", "-s", str(socket_path), str(mountpoint), *args]
+    how = "--listen" if listen else "-s"
+    cmd = [*qomfs_command(), "-f", "-v", how, str(socket_path), str(mountpoint), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     m = Mount(mountpoint, proc, log)

@@ -1,0 +1,168 @@
+"""Faults on a real QEMU and a real mount: nothing hangs, errors are prompt."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT, RawQMP, mounted, qemu_vm, qomfs_command, wait_for
+
+
+def timed_errno(func: object) -> tuple[int | None, float]:
+    """Run ``func()``; return (errno or None, seconds it took)."""
+    start = time.monotonic()
+    try:
+        func()  # type: ignore[operator]
+    except OSError as err:
+        return err.errno, time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+def test_qemu_killed_mid_grep_then_back(tmp_path: Path) -> None:
+    with qemu_vm(tmp_path) as vm, mounted(vm.socket, tmp_path / "mnt") as m:
+        grep = subprocess.Popen(
+            ["grep", "-r", ".", str(m.path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        time.sleep(0.3)
+        vm.kill()
+        grep.wait(timeout=60)  # it finishes: no operation hangs
+        time.sleep(1.1)  # past the TTL, nothing is served from the cache
+        for target in ("machine/type", "machine/q35/type", "objects"):
+            code, took = timed_errno(lambda t=target: os.stat(m.path / t) and None)
+            code2, took2 = timed_errno(lambda t=target: (m.path / t).read_bytes())
+            assert code in (errno.EIO, errno.ENOTCONN), (target, code)
+            assert code2 in (errno.EIO, errno.ENOTCONN, errno.EISDIR), (target, code2)
+            assert took < 2 and took2 < 2
+        assert "connection lost" in m.logtext()
+
+        # QEMU comes back on the same socket: the mount recovers by itself.
+        with qemu_vm(tmp_path) as again:
+            with again.qmp() as qmp:
+                want = qmp.cmd("qom-get", path="/machine", property="type") + "\n"
+
+            def works() -> bool:
+                try:
+                    return (m.path / "machine" / "type").read_text() == want
+                except OSError:
+                    return False
+
+            wait_for(works, 10, "the mount to reconnect", interval=0.2)
+            assert "reconnected" in m.logtext()
+
+
+def test_listen_mode_is_race_free_and_survives_restarts(tmp_path: Path) -> None:
+    sock = tmp_path / "listen.sock"
+    client_mon = [
+        "-chardev",
+        f"socket,id=qomfs,path={sock},reconnect=1",
+        "-mon",
+        "chardev=qomfs,mode=control",
+    ]
+    with mounted(sock, tmp_path / "mnt", "--timeout", "2", listen=True) as m:
+        assert sock.exists()  # the socket is there before QEMU starts
+        code, took = timed_errno(lambda: (m.path / "machine").stat())
+        assert code == errno.EIO and took < 3  # no QEMU yet: a prompt error
+        for _ in range(2):  # QEMU, then another QEMU on the same socket
+            with qemu_vm(tmp_path, client_mon) as vm:
+                with vm.qmp() as qmp:
+                    want = qmp.cmd("qom-get", path="/machine", property="type") + "\n"
+
+                def works(w: str = want) -> bool:
+                    try:
+                        return (m.path / "machine" / "type").read_text() == w
+                    except OSError:
+                        return False
+
+                wait_for(works, 10, "QEMU to connect to the listening socket", interval=0.2)
+            time.sleep(1.1)
+            code, took = timed_errno(lambda: (m.path / "machine" / "q35").stat())
+            assert code == errno.EIO and took < 3
+
+
+def test_sigstopped_qemu_times_out_serves_cache_and_recovers(tmp_path: Path) -> None:
+    with (
+        qemu_vm(tmp_path) as vm,
+        mounted(vm.socket, tmp_path / "mnt", "--timeout", "1", "--ttl", "5") as m,
+    ):
+        cached = (m.path / "machine" / "type").read_text()
+        os.kill(vm.proc.pid, signal.SIGSTOP)
+        try:
+            assert (m.path / "machine" / "type").read_text() == cached  # from the cache
+            code, took = timed_errno(lambda: (m.path / "machine" / "graphics").read_bytes())
+            assert code in (errno.ETIMEDOUT, errno.EIO), code
+            assert 0.9 < took < 3
+        finally:
+            os.kill(vm.proc.pid, signal.SIGCONT)
+        with vm.qmp() as qmp:
+            graphics = qmp.cmd("qom-get", path="/machine", property="graphics")
+        assert (m.path / "machine" / "graphics").read_text() == (
+            "true\n" if graphics else "false\n"
+        )
+
+
+def test_kill_9_of_the_daemon_releases_the_mountpoint(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with qemu_vm(tmp_path) as vm:
+        res = subprocess.run(
+            [*qomfs_command(), "-s", str(vm.socket), str(mnt)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        assert os.path.ismount(mnt)
+        pids = subprocess.run(
+            ["pgrep", "-f", f"qomfs -s {vm.socket} {mnt}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(pids) == 1, pids
+        os.kill(int(pids[0]), signal.SIGKILL)
+        wait_for(lambda: not os.path.ismount(mnt), 10, "auto_unmount to release the mountpoint")
+        assert os.listdir(mnt) == []  # no "Transport endpoint is not connected"
+
+
+@pytest.mark.parametrize("ttl", ["30"])
+def test_device_deleted_drops_cache_and_new_objects_appear(tmp_path: Path, ttl: str) -> None:
+    with qemu_vm(tmp_path, ["-device", "qemu-xhci,id=xhci"]) as vm:
+        with vm.qmp() as qmp, mounted(vm.socket, tmp_path / "mnt", "--ttl", ttl) as m:
+            peripheral = m.path / "machine" / "peripheral"
+            qmp.cmd("device_add", driver="usb-kbd", id="kbd0")
+            # A listing cached before the device came would hide it for 30 s,
+            # so list only now: the device is there.
+            assert "kbd0" in os.listdir(peripheral)
+            assert (peripheral / "kbd0" / "realized").read_text() == "true\n"
+            qmp.cmd("device_del", id="kbd0")
+            # DEVICE_DELETED (no TTL wait: the TTL is 30 s) drops it at once.
+            wait_for(lambda: "kbd0" not in os.listdir(peripheral), 1, "kbd0 to vanish")
+            # The kernel may keep the name itself for its entry timeout (1 s).
+            wait_for(lambda: not (peripheral / "kbd0").exists(), 1.5, "kbd0's dentry to go")
+        with vm.qmp() as qmp, mounted(vm.socket, tmp_path / "mnt2", "--ttl", "1") as m:
+            objects = m.path / "objects"
+            assert "m1" not in os.listdir(objects)
+            qmp.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1", "size": 1 << 20})
+            wait_for(lambda: "m1" in os.listdir(objects), 3, "m1 to appear within the TTL")
+            qmp.cmd("object-del", id="m1")
+            wait_for(lambda: "m1" not in os.listdir(objects), 3, "m1 to vanish within the TTL")
+
+
+def test_busy_monitor_does_not_hang_an_existing_client(tmp_path: Path) -> None:
+    """A second client on qomfs's monitor waits; qomfs keeps working."""
+    with qemu_vm(tmp_path) as vm, mounted(vm.socket, tmp_path / "mnt") as m:
+        import socket as socketlib
+
+        intruder = socketlib.socket(socketlib.AF_UNIX)
+        intruder.connect(str(vm.socket))
+        try:
+            assert (m.path / "machine" / "type").read_text()
+        finally:
+            intruder.close()
+        with RawQMP(vm.extra_sockets[0]) as qmp:
+            assert qmp.cmd("qom-get", path="/machine", property="type")
