@@ -246,6 +246,9 @@ class QOMFS(Operations):  # type: ignore[misc]
             raise FuseOSError(errno.EISDIR)
         if self.read_only and fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise FuseOSError(errno.EROFS)
+        if fi.flags & os.O_APPEND:
+            # A value is replaced whole; appending to it has no meaning.
+            raise InvalidValue(f"{path}: appending is not supported; write the whole value")
         fh = next(self._next_fh)
         with self._handles_lock:
             self._handles[fh] = _Handle(path)

@@ -106,6 +106,13 @@ def is_destructive(name: str, value: Any) -> bool:
     return (name == "realized" and value is False) or name == "cpu-hotplug-legacy"
 
 
+def _is_property_not_found(desc: str, name: str) -> bool:
+    """QEMU's "Property 'TYPE.NAME' not found" (or "'NAME'"), not a getter's words."""
+    return desc == f"Property '{name}' not found" or (
+        desc.startswith("Property '") and desc.endswith(f".{name}' not found")
+    )
+
+
 def split(path: str) -> tuple[str, str]:
     """``/a/b/c`` -> (``/a/b``, ``c``)."""
     parent, _, name = path.rpartition("/")
@@ -185,7 +192,7 @@ class QOMTree:
         return self._listings.get(path, lambda: self._fetch_listing(path))
 
     def _fetch_listing(self, path: str) -> Listing:
-        if self.batch:
+        if self.batch and self.ttl > 0:
             listings = self._fetch_batch([path])
             if listings:
                 return listings[0]
@@ -342,7 +349,7 @@ class QOMTree:
     @staticmethod
     def _get_error(obj: str, name: str, err: ExecuteError) -> Exception:
         where = join(obj, name)
-        if err.error_class == "DeviceNotFound" or err.desc.endswith("not found"):
+        if err.error_class == "DeviceNotFound" or _is_property_not_found(err.desc, name):
             return NotFound(f"{where}: {err.desc}", err)
         if "not readable" in err.desc:
             return NotReadable(f"{where}: {err.desc}", err)
@@ -355,8 +362,6 @@ class QOMTree:
             return NotWritable(f"{where}: {err.desc}", err)
         if err.error_class == "DeviceNotFound" and f"'{obj}'" in err.desc:
             return NotFound(f"{where}: {err.desc}", err)
-        if err.error_class == "GenericError" and err.desc == f"Property '{name}' not found":
-            return NotFound(f"{where}: {err.desc}", err)
-        if err.desc.startswith("Property '") and err.desc.endswith(f".{name}' not found"):
+        if _is_property_not_found(err.desc, name):
             return NotFound(f"{where}: {err.desc}", err)
         return InvalidValue(f"{where}: {err.desc}", err)

@@ -1,0 +1,421 @@
+"""``qom-get``, ``qom-set``, ``qom-list``, ``qom-tree`` and ``qom``: QEMU's QOM tools.
+
+The command lines of QEMU's ``scripts/qmp/qom-*`` (``python/qemu/utils/qom.py``):
+``PATH.PROPERTY`` (split at the *last* ``.``, so ``/machine/q35/pcie.0.type``
+works), ``-s SOCKET`` or ``$QMP_SOCKET``, the same ``qom-list`` and ``qom-tree``
+output.  Values are shown and converted as the filesystem does: the text
+format of :mod:`qomfs.values`, the type-aware conversion of
+:meth:`qomfs.model.QOMTree.write`.
+
+Exit status: 0 on success; 1 when QEMU refuses or cannot be reached (one line
+``PROG: message`` on stderr); 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from qomfs import __version__
+from qomfs.errors import (
+    ExecuteError,
+    Guarded,
+    InvalidValue,
+    NotFound,
+    QOMError,
+    QomfsError,
+    ReadFailed,
+)
+from qomfs.model import Property, QOMTree, join
+from qomfs.qmp import QMPClient
+from qomfs.values import format_value
+
+SOCKET_HELP = "QMP socket: a unix socket path or HOST:PORT (default: $QMP_SOCKET)"
+MONITOR_NOTE = """
+A QMP monitor serves one client at a time: give these tools a monitor of their own, e.g.
+  qemu-system-x86_64 ... -qmp unix:/tmp/vm.sock,server=on,wait=off
+"""
+
+EPILOG_GET = """\
+examples:
+  qom-get -s /tmp/vm.sock /machine.type             pc-q35-7.2-machine
+  qom-get /machine/q35/pcie.0.type                  the last '.' separates the property
+  QMP_SOCKET=/tmp/vm.sock qom-get /machine.smp      structs print as one line of JSON
+"""
+EPILOG_SET = """\
+examples:
+  qom-set -s /tmp/vm.sock /machine.graphics false   booleans: true/false, on/off, 1/0
+  qom-set /machine/peripheral/disk0.bootindex 2     integers: decimal, 0x, 0o, 0b
+  qom-set /machine.append 'console=ttyS0'           strings as they are
+
+VALUE is converted with the property's type from qom-list, as a write to a
+qom-fuse file is: sizes take K, M, G suffixes, structs and lists are JSON.
+Nothing is printed on success.  Writes that can take the VM down (such as
+realized=false, which unplugs a live device) need --force.
+"""
+EPILOG_LIST = """\
+examples:
+  qom-list -s /tmp/vm.sock                 the root: chardevs/ machine/ objects/ type
+  qom-list /machine                        child<> objects as NAME/, link<> as @NAME/
+"""
+EPILOG_TREE = """\
+examples:
+  qom-tree -s /tmp/vm.sock                 the whole machine
+  qom-tree /machine/q35                    one subtree
+
+Each object: its path, one "  NAME: VALUE (TYPE)" line per property that is
+not a child (a property that cannot be read shows "<EXCEPTION: REASON>"), a
+blank line, then its children, depth-first.  On QEMU 10.1 and later one
+qom-list-get per tree level fetches everything.
+"""
+EPILOG_QOM = """\
+commands:
+  get PATH.PROPERTY          print a property's value
+  set PATH.PROPERTY VALUE    set a property
+  list [PATH]                list an object's properties
+  tree [PATH]                print a subtree with every value
+  fuse MOUNTPOINT            mount the tree (qom-fuse)
+
+examples:
+  qom get -s /tmp/vm.sock /machine.type
+  qom tree -s /tmp/vm.sock /machine/q35
+  qom fuse -s /tmp/vm.sock /mnt/qom
+  qom COMMAND --help         a command's own options
+"""
+
+
+# --- the work, callable in-process ----------------------------------------------
+
+
+def split_path_prop(text: str) -> tuple[str, str]:
+    """``PATH.PROPERTY`` -> (``PATH``, ``PROPERTY``), split at the last ``.``.
+
+    Raises :class:`ValueError` when either part would be empty.
+    """
+    path, dot, prop = text.rpartition(".")
+    if not dot or not path or not prop or "/" in prop:
+        raise ValueError(
+            f"{text!r} is not PATH.PROPERTY (e.g. /machine.type: the last '.' "
+            "separates the property)"
+        )
+    return path, prop
+
+
+def qom_get(tree: QOMTree, path: str, prop: str) -> str:
+    """The value of ``prop`` of the object at ``path``, as text with a newline."""
+    return tree.read_text(join(path, prop))
+
+
+def qom_set(tree: QOMTree, path: str, prop: str, value: str) -> None:
+    """Set ``prop`` from text, converted with its type (:meth:`QOMTree.write`).
+
+    Raises :class:`InvalidValue` (text or value refused), :class:`NotWritable`,
+    :class:`NotFound`, :class:`Guarded` (``realized=false`` and other writes
+    that can take the VM down, unless ``tree.allow_unrealize``), or a QMP error.
+    """
+    where = join(path, prop)
+    try:
+        # fsencode gives back the very bytes of the command line, even when
+        # they are not UTF-8, so that decode_text can say what is wrong.
+        tree.write(where, os.fsencode(value))
+    except InvalidValue as err:
+        if err.cause is not None:
+            raise  # QEMU's refusal, which already names the property
+        raise InvalidValue(f"{where}: {err}") from err  # the text did not convert
+    except Guarded as err:
+        # The model's message speaks of mount options; this is a command.
+        raise Guarded(
+            f"{where}: refusing a write that can tear down or crash the VM "
+            "(give --force to do it anyway)"
+        ) from err
+
+
+def qom_list(tree: QOMTree, path: str) -> Iterator[str]:
+    """QEMU's ``qom-list`` lines: ``NAME/`` for a child, ``@NAME/`` for a link."""
+    for prop in tree.listing(path).properties.values():
+        if prop.is_child:
+            yield f"{prop.name}/"
+        elif prop.is_link:
+            yield f"@{prop.name}/"
+        else:
+            yield prop.name
+
+
+@dataclass
+class _Object:
+    """One object of a tree walk: its properties, and the values already known."""
+
+    path: str
+    properties: list[Property]
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def children(self) -> list[str]:
+        return [join(self.path, p.name) for p in self.properties if p.is_child]
+
+
+def qom_tree(tree: QOMTree, path: str = "/", *, batch: bool | None = None) -> Iterator[str]:
+    """QEMU's ``qom-tree`` output for the subtree at ``path``, line by line.
+
+    With ``qom-list-get`` (QEMU >= 10.1; ``batch=None`` uses it when offered)
+    the tree is fetched first with one command per level, then printed;
+    without, it is printed while walked (``qom-list`` per object, ``qom-get``
+    per property).  A property whose value the batch lacks is asked for
+    with ``qom-get``, so an unreadable one shows QEMU's reason either way.
+    Objects that vanish during the walk are left out; a ``path`` that is not
+    an object raises :class:`NotFound`.  QMP failures propagate.
+    """
+    if batch is None:
+        batch = tree.client.has_command("qom-list-get")
+    if batch:
+        fetched = _fetch_levels(tree, path)
+        return _tree_lines(tree, path, fetched.get)
+    return _tree_lines(tree, path, lambda p: _listed(tree, p, p == path))
+
+
+def _listed(tree: QOMTree, path: str, must_exist: bool) -> _Object | None:
+    try:
+        listing = tree.listing(path)
+    except NotFound:
+        if must_exist:
+            raise
+        return None  # vanished since its parent was listed
+    return _Object(path, list(listing.properties.values()))
+
+
+def _fetch_levels(tree: QOMTree, root: str) -> dict[str, _Object]:
+    """Every object under ``root``, with one ``qom-list-get`` per level."""
+    out: dict[str, _Object] = {}
+    level = [root]
+    while level:
+        for obj in _fetch_level(tree, level, level == [root]):
+            out[obj.path] = obj
+        level = [child for path in level if path in out for child in out[path].children()]
+    return out
+
+
+def _fetch_level(tree: QOMTree, paths: list[str], is_root: bool) -> list[_Object]:
+    try:
+        return _batch(tree, paths)
+    except ExecuteError:
+        # One path that is gone (or never was) fails the whole batch:
+        # ask for each alone, and let qom-list classify the ones that fail.
+        pass
+    out = []
+    for path in paths:
+        try:
+            out.extend(_batch(tree, [path]))
+        except ExecuteError:
+            obj = _listed(tree, path, must_exist=is_root)
+            if obj is not None:
+                out.append(obj)
+    return out
+
+
+def _batch(tree: QOMTree, paths: list[str]) -> list[_Object]:
+    reply = tree.client.execute("qom-list-get", {"paths": paths})
+    if not isinstance(reply, list) or len(reply) != len(paths):
+        raise ReadFailed(f"qom-list-get: unexpected reply {reply!r:.200}")
+    out = []
+    for path, item in zip(paths, reply, strict=True):
+        entries = item.get("properties") if isinstance(item, dict) else None
+        if not isinstance(entries, list):
+            raise ReadFailed(f"qom-list-get {path}: unexpected reply {item!r:.200}")
+        obj = _Object(path, [Property.from_wire(e) for e in entries])
+        obj.values = {e["name"]: e["value"] for e in entries if "value" in e}
+        out.append(obj)
+    return out
+
+
+def _tree_lines(
+    tree: QOMTree, root: str, objects: Callable[[str], _Object | None]
+) -> Iterator[str]:
+    stack = [root]
+    while stack:
+        obj = objects(stack.pop())
+        if obj is None:
+            continue
+        yield obj.path
+        for prop in obj.properties:
+            if not prop.is_child:
+                yield f"  {prop.name}: {_value_text(tree, obj, prop)} ({prop.type})"
+        yield ""
+        stack.extend(reversed(obj.children()))
+
+
+def _value_text(tree: QOMTree, obj: _Object, prop: Property) -> str:
+    if prop.name in obj.values:
+        value = obj.values[prop.name]
+    else:
+        try:
+            value = tree.get(join(obj.path, prop.name))
+        except QOMError as err:
+            reason = err.cause.desc if isinstance(err.cause, ExecuteError) else str(err)
+            return f"<EXCEPTION: {reason}>"
+    return format_value(value)[:-1]  # one line each: no trailing newline
+
+
+# --- command lines --------------------------------------------------------------
+
+
+def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog + MONITOR_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-s", "--socket", help=SOCKET_HELP)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the connection and for each answer (default 5)",
+    )
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    address: str | None = args.socket or os.environ.get("QMP_SOCKET")
+    if not address:
+        parser.error("no QMP socket: give -s SOCKET or set QMP_SOCKET")
+    return address
+
+
+def _path_prop(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    try:
+        return split_path_prop(text)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _run(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    work: Callable[[QOMTree], Iterator[str] | None],
+    *,
+    force: bool = False,
+) -> int:
+    """Connect, run ``work``, print its lines; turn failures into one line and 1."""
+    address = _socket(parser, args)
+    # No reconnection: a tool that lost QEMU says so rather than retrying.
+    client = QMPClient(address, timeout=args.timeout, connect_timeout=args.timeout, reconnect=False)
+    try:
+        client.connect()
+        # ttl=0: every answer comes straight from QEMU; batching is chosen
+        # here (qom-tree), not by the model.
+        lines = work(QOMTree(client, ttl=0, batch=False, allow_unrealize=force))
+        if lines is not None:
+            _print_lines(lines, sys.stdout)
+    except QomfsError as err:
+        sys.stdout.flush()
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # qom-tree | head: the reader went away, which is not our error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    return 0
+
+
+def _print_lines(lines: Iterator[str], out: TextIO) -> None:
+    for line in lines:
+        out.write(line + "\n")
+    out.flush()
+
+
+def main_get(argv: list[str] | None = None, prog: str = "qom-get") -> int:
+    """``qom-get [-s SOCKET] PATH.PROPERTY``: print a property's value."""
+    parser = _parser(prog, "Print a QOM property's value.", EPILOG_GET)
+    parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property")
+    args = parser.parse_args(argv)
+    path, prop = _path_prop(parser, args.path_prop)
+
+    def work(tree: QOMTree) -> Iterator[str]:
+        yield qom_get(tree, path, prop)[:-1]  # the text format's one newline
+
+    return _run(prog, parser, args, work)
+
+
+def main_set(argv: list[str] | None = None, prog: str = "qom-set") -> int:
+    """``qom-set [-s SOCKET] PATH.PROPERTY VALUE``: set a property, converted by type."""
+    parser = _parser(prog, "Set a QOM property's value.", EPILOG_SET)
+    parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property")
+    parser.add_argument("value", metavar="VALUE", help="the new value, as text")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="do writes that can take the VM down (realized=false unrealizes a live device)",
+    )
+    args = parser.parse_args(argv)
+    path, prop = _path_prop(parser, args.path_prop)
+
+    def work(tree: QOMTree) -> None:
+        qom_set(tree, path, prop, args.value)
+
+    return _run(prog, parser, args, work, force=args.force)
+
+
+def main_list(argv: list[str] | None = None, prog: str = "qom-list") -> int:
+    """``qom-list [-s SOCKET] [PATH]``: list an object's properties."""
+    parser = _parser(prog, "List a QOM object's properties.", EPILOG_LIST)
+    parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)")
+    args = parser.parse_args(argv)
+    return _run(prog, parser, args, lambda tree: qom_list(tree, args.path))
+
+
+def main_tree(argv: list[str] | None = None, prog: str = "qom-tree") -> int:
+    """``qom-tree [-s SOCKET] [PATH]``: print a subtree with every value."""
+    parser = _parser(prog, "Print a QOM subtree with every property's value.", EPILOG_TREE)
+    parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)")
+    parser.add_argument(
+        "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
+    )
+    args = parser.parse_args(argv)
+    batch = False if args.no_batch else None
+    return _run(prog, parser, args, lambda tree: qom_tree(tree, args.path, batch=batch))
+
+
+def _main_fuse(argv: list[str] | None = None, prog: str = "qom fuse") -> int:
+    from qomfs import cli  # its own parser, prog "qom-fuse"
+
+    return cli.main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None, str], int]] = {
+    "get": main_get,
+    "set": main_set,
+    "list": main_list,
+    "tree": main_tree,
+    "fuse": _main_fuse,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``qom COMMAND ...``: one entry point for get, set, list, tree and fuse."""
+    parser = argparse.ArgumentParser(
+        prog="qom",
+        description="Query and change a running QEMU's object model (QOM) over QMP.",
+        epilog=EPILOG_QOM + MONITOR_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments")
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command](args.args, f"qom {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
