@@ -215,7 +215,7 @@ def _serve(
             batch=False if args.no_batch else None,
             allow_unrealize=args.allow_unrealize,
         )
-        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready)
+        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready, mountpoint=mountpoint)
         if not args.listen:
             log.info("QEMU %s, qom-list-get %s", client.version, "used" if tree.batch else "unused")
         kwargs: dict[str, object] = {

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import resource
 import stat
 import threading
@@ -59,6 +60,14 @@ ERRNO: dict[type[BaseException], int] = {
 
 #: On the mount's root: JSON with the daemon's QMP command counts and RSS.
 STATS_XATTR = "user.qomfs.stats"
+#: A property's QOM type (``uint32``, ``link<pci-bus>``); an object's class.
+TYPE_XATTR = "user.qom.type"
+#: A property's description, from ``qom-list-properties`` of its class.
+DESCRIPTION_XATTR = "user.qom.description"
+#: How long a symlink made by ``ln -sf`` on its way to ``rename`` lives.
+PENDING_LINK_LIFE = 30.0
+#: The temporary name GNU ln -f gives it (gnulib force-link.c: "CuXXXXXX").
+LN_TEMPORARY = re.compile(r"Cu[A-Za-z0-9]{6}")
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 
 #: ``st_size`` of a property file.  The real length is known only after a
@@ -140,7 +149,9 @@ class QOMFS(Operations):  # type: ignore[misc]
         *,
         read_only: bool = False,
         on_ready: Callable[[], None] | None = None,
+        mountpoint: str = "",
     ) -> None:
+        self.mountpoint = mountpoint
         self.tree = tree
         self.read_only = read_only
         self.on_ready = on_ready
@@ -151,6 +162,7 @@ class QOMFS(Operations):  # type: ignore[misc]
         self._handles: dict[int, _Handle] = {}
         self._handles_lock = threading.Lock()
         self._next_fh = itertools.count(1)
+        self._pending: dict[str, tuple[str, float]] = {}  # path -> (symlink text, expiry)
 
     # --- life cycle ---------------------------------------------------------
 
@@ -187,6 +199,8 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        if self._pending and self._pending_link(path) is not None:
+            return self._attrs(Node(path, Kind.LINK, None))
         return self._attrs(self.tree.lookup(path))
 
     @_operation
@@ -205,7 +219,8 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def readlink(self, path: str) -> str:
-        return self.tree.readlink(path)
+        pending = self._pending_link(path) if self._pending else None
+        return pending if pending is not None else self.tree.readlink(path)
 
     @_operation
     def statfs(self, path: str) -> dict[str, Any]:
@@ -227,14 +242,26 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def listxattr(self, path: str) -> list[str]:
-        self.tree.lookup(path)
-        return [STATS_XATTR] if path == "/" else []
+        node = self.tree.lookup(path)
+        names = [TYPE_XATTR]
+        if node.kind is not Kind.OBJECT:
+            names.append(DESCRIPTION_XATTR)
+        if path == "/":
+            names.append(STATS_XATTR)
+        return names
 
     @_operation
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         if path == "/" and name == STATS_XATTR:
             return self._stats()
-        self.tree.lookup(path)
+        node = self.tree.lookup(path)
+        if name == TYPE_XATTR:
+            if node.kind is Kind.OBJECT:
+                return self.tree.object_type(path).encode()
+            assert node.prop is not None
+            return node.prop.type.encode()
+        if name == DESCRIPTION_XATTR and node.kind is not Kind.OBJECT:
+            return self.tree.description(path).encode()
         raise FuseOSError(ENOATTR)
 
     # --- files --------------------------------------------------------------
@@ -316,8 +343,63 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     # --- what a QOM tree cannot do -------------------------------------------
 
+    # --- writable links: ln -sfn TARGET LINK ----------------------------------
+    #
+    # ln -sf cannot replace an existing name with symlink(2): it makes a
+    # symlink under a temporary name (CuXXXXXX) and rename(2)s it over LINK.
+    # Such a symlink is kept here, in memory, until it is renamed onto a link
+    # property (which sets that property) or removed.
+
+    def _pending_link(self, path: str) -> str | None:
+        with self._handles_lock:
+            hit = self._pending.get(path)
+            if hit is not None and hit[1] < time.monotonic():
+                del self._pending[path]
+                hit = None
+        return hit[0] if hit is not None else None
+
+    @_operation
+    def symlink(self, target: str, source: str) -> int:
+        if self.read_only:
+            raise FuseOSError(errno.EROFS)
+        parent = target.rsplit("/", 1)[0] or "/"
+        if self.tree.lookup(parent).kind is not Kind.OBJECT:
+            raise FuseOSError(errno.ENOTDIR)
+        try:
+            node = self.tree.lookup(target)
+        except NotFound:
+            if not LN_TEMPORARY.fullmatch(target.rsplit("/", 1)[1]):
+                # Only ln's stepping stone; a new link property cannot be made.
+                raise FuseOSError(errno.EPERM) from None
+            with self._handles_lock:
+                self._pending[target] = (source, time.monotonic() + PENDING_LINK_LIFE)
+            return 0
+        if node.kind is not Kind.LINK:
+            raise FuseOSError(errno.EEXIST)
+        self.tree.write_link(target, source, self.mountpoint)
+        return 0
+
+    @_operation
+    def rename(self, old: str, new: str) -> int:
+        text = self._pending_link(old)
+        if text is None:
+            raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+        try:
+            self.tree.write_link(new, text, self.mountpoint)
+        finally:
+            with self._handles_lock:
+                self._pending.pop(old, None)
+        return 0
+
+    @_operation
+    def unlink(self, path: str) -> int:
+        with self._handles_lock:
+            if self._pending.pop(path, None) is not None:
+                return 0
+        raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+
     def _refuse(self, *args: Any) -> int:
         raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
 
-    create = mkdir = rmdir = unlink = rename = link = symlink = mknod = _refuse
+    create = mkdir = rmdir = link = mknod = _refuse
     chmod = chown = setxattr = removexattr = _refuse

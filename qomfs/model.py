@@ -113,6 +113,19 @@ def _is_property_not_found(desc: str, name: str) -> bool:
     )
 
 
+def _climbs_out(base: str, rel: str) -> bool:
+    """Whether ``rel`` from directory ``base`` goes above the root."""
+    depth = len([p for p in base.split("/") if p])
+    for part in rel.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
 def split(path: str) -> tuple[str, str]:
     """``/a/b/c`` -> (``/a/b``, ``c``)."""
     parent, _, name = path.rpartition("/")
@@ -151,6 +164,7 @@ class QOMTree:
         self._batch_pref = batch
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
         self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
+        self._descriptions: TTLCache[str, dict[str, str]] = TTLCache(float("inf"), clock)
         self._clock = clock
         client.subscribe(self._on_event)
         client.on_reconnect(self.invalidate_all)
@@ -303,6 +317,35 @@ class QOMTree:
             return UNSET_LINK
         return relative_link(path, value)
 
+    def object_type(self, path: str) -> str:
+        """The class of the object at ``path`` (``T`` of its ``child<T>``)."""
+        node = self.lookup(path)
+        if node.kind is not Kind.OBJECT:
+            raise NotADirectory(f"{path} is a property, not an object")
+        return node.prop.target_type if node.prop is not None else "container"
+
+    def description(self, path: str) -> str:
+        """QEMU's description of the property at ``path`` ("" when it has none).
+
+        One ``qom-list-properties`` per class, kept for the life of the
+        mount: a class's properties do not change while QEMU runs.
+        """
+        obj, name = split(path)
+        cls = self.object_type(obj)
+        return self._descriptions.get(cls, lambda: self._fetch_descriptions(cls)).get(name, "")
+
+    def _fetch_descriptions(self, cls: str) -> dict[str, str]:
+        try:
+            reply = self.client.execute("qom-list-properties", {"typename": cls})
+        except ExecuteError as err:
+            log.debug("no descriptions for %s: %s", cls, err.desc)
+            return {}
+        return {
+            str(p["name"]): str(p.get("description", ""))
+            for p in reply
+            if isinstance(p, dict) and "name" in p
+        }
+
     # --- writing ------------------------------------------------------------
 
     def write(self, path: str, data: bytes) -> None:
@@ -324,6 +367,38 @@ class QOMTree:
                 "(mount with --allow-unrealize to permit)"
             )
         self.set(path, value)
+
+    def write_link(self, path: str, text: str, mountpoint: str = "") -> None:
+        """Point the link property at ``path`` where symlink ``text`` leads.
+
+        ``text`` is relative to the link's directory, or absolute under
+        ``mountpoint``; :data:`UNSET_LINK` clears the link.  A target outside
+        the tree, or one that is not an object, is :class:`InvalidValue`.
+        """
+        node = self.lookup(path)
+        if node.kind is not Kind.LINK:
+            raise NotWritable(f"{path} is not a link property")
+        if text == UNSET_LINK:
+            self.set(path, "")
+            return
+        if text.startswith("/"):
+            prefix = mountpoint.rstrip("/") + "/"
+            if not mountpoint or not text.startswith(prefix):
+                raise InvalidValue(f"{path}: {text} is outside the mount")
+            target = "/" + text[len(prefix) :]
+        else:
+            # normpath() would silently stop at "/": check the climb first.
+            if _climbs_out(posixpath.dirname(path), text):
+                raise InvalidValue(f"{path}: {text} leads outside the mount")
+            target = posixpath.join(posixpath.dirname(path), text)
+        target = posixpath.normpath(target)
+        try:
+            kind = self.lookup(target).kind
+        except (NotFound, NotADirectory):
+            raise InvalidValue(f"{path}: {text} is not an object in the tree") from None
+        if kind is not Kind.OBJECT:
+            raise InvalidValue(f"{path}: {text} is a property, not an object")
+        self.set(path, target)
 
     def set(self, path: str, value: Any) -> None:
         """``qom-set`` the property at ``path`` to the JSON ``value``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +13,11 @@ import pytest
 
 from tests.harness import VM, Mount, RawQMP, mounted, qemu_vm, walk_qmp
 
-EXTRA = ["-object", "iothread,id=io1", "-object", "throttle-group,id=tg1"]
+EXTRA = [
+    *("-object", "iothread,id=io1"),
+    *("-object", "throttle-group,id=tg1"),
+    *("-object", "thread-context,id=tc1"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +184,29 @@ def test_names_with_brackets_at_dots_and_backslashes(bmnt: Mount, qmp: RawQMP) -
     for obj, name in odd:
         assert name in os.listdir(bmnt.path / obj.lstrip("/")), (obj, name)
         assert os.lstat(bmnt.path / obj.lstrip("/") / name)
+
+
+def test_links_are_set_with_ln_sfn(bmnt: Mount, qmp: RawQMP) -> None:
+    """ln -sfn sets a link property; bad targets get EINVAL and change nothing."""
+    link = "/objects/pc.ram/prealloc-context"
+    fs = bmnt.path / link.lstrip("/")
+
+    def ln(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ln", "-sfn", target, str(fs)], capture_output=True, text=True)
+
+    assert qget(qmp, link) == ""
+    for bad in ("../io1", "../nope", "../../../../etc", "/etc", "../tc1/type"):
+        res = ln(bad)
+        assert res.returncode != 0 and "Invalid argument" in res.stderr, (bad, res.stderr)
+        assert qget(qmp, link) == ""
+    res = ln("../tc1")
+    assert res.returncode == 0, res.stderr
+    assert qget(qmp, link) == "/objects/tc1"
+    assert os.readlink(fs) == "../tc1"
+    res = ln(str(bmnt.path / "objects" / "tc1"))  # absolute, inside the mount
+    assert res.returncode == 0, res.stderr
+    res = ln("(unset)")
+    assert res.returncode == 0, res.stderr
+    assert qget(qmp, link) == ""
+    names = sorted(p["name"] for p in qmp.cmd("qom-list", path="/objects/pc.ram"))
+    assert sorted(os.listdir(fs.parent)) == names  # no temporary name left behind
