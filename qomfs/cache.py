@@ -56,13 +56,26 @@ class TTLCache(Generic[K, V]):
                 del self._data[key]
         return False, None
 
-    def put(self, key: K, value: V, fetched_at: float | None = None) -> None:
-        """Store ``value`` as fetched at ``fetched_at`` (default: now)."""
+    @property
+    def generation(self) -> int:
+        """Changes on every :meth:`invalidate`; read it before a fetch for :meth:`put`."""
+        with self._lock:
+            return self._generation
+
+    def put(
+        self, key: K, value: V, fetched_at: float | None = None, generation: int | None = None
+    ) -> None:
+        """Store ``value`` as fetched at ``fetched_at`` (default: now).
+
+        With ``generation`` (read before the fetch began), nothing is stored
+        if an :meth:`invalidate` happened since: the value may predate it.
+        """
         if self.ttl <= 0:
             return
         start = self.clock() if fetched_at is None else fetched_at
         with self._lock:
-            self._data[key] = (start + self.ttl, value)
+            if generation is None or generation == self._generation:
+                self._data[key] = (start + self.ttl, value)
 
     def get(self, key: K, fetch: Callable[[], V]) -> V:
         """The cached value for ``key``, or ``fetch()`` (run once for all waiters).

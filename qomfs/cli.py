@@ -29,6 +29,7 @@ examples:
   qom-fuse -o ro,allow_other -s /tmp/vm.sock /mnt/qom
   qom-fuse /tmp/vm.sock /mnt/qom -o ro     the form mount.fuse and /etc/fstab use
   qom-fuse --listen /tmp/vm.sock /mnt/qom && qemu-system-x86_64 -qmp unix:/tmp/vm.sock ...
+  qom-fuse --socket-dir /run/qemu /mnt/qom     every VM socket in /run/qemu, one directory each
   fusermount -u /mnt/qom                   unmount
 
 QEMU needs a QMP monitor of its own for qomfs, e.g.
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="create a unix socket at PATH and let QEMU connect to it (QEMU: -qmp unix:PATH "
         "without server=on); the race-free launch, and QEMU may come and go",
+    )
+    p.add_argument(
+        "--socket-dir",
+        metavar="DIR",
+        help="mount every QMP socket in DIR as a top directory named after the socket "
+        "(many VMs in one mount)",
     )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument(
@@ -167,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     # A killed daemon must not leave "Transport endpoint is not connected".
     if not options.pop("noauto_unmount", False):
         options.setdefault("auto_unmount", True)
-    socket_path = args.listen or args.socket or os.environ.get("QMP_SOCKET")
+    socket_path = args.socket_dir or args.listen or args.socket or os.environ.get("QMP_SOCKET")
+    if args.socket_dir and not os.path.isdir(args.socket_dir):
+        return _fail(f"{args.socket_dir}: not a directory")
     if not socket_path:
         return _fail("no QMP socket: give -s SOCKET or set QMP_SOCKET")
     mountpoint_arg = args.paths[-1]
@@ -195,29 +204,47 @@ def _serve(
 ) -> int:
     # Imported here so that --help works where no FUSE library is installed.
     from qomfs._fuse import FUSE
+    from qomfs.forest import Forest
     from qomfs.fs import QOMFS
-    from qomfs.model import QOMTree
+    from qomfs.model import QOMTree, Tree
 
-    client = QMPClient(
-        socket_path,
-        timeout=args.timeout,
-        connect_timeout=args.connect_timeout,
-        listen=bool(args.listen),
-    )
-    try:
-        client.connect()
-    except QomfsError as err:
-        return _fail(str(err))
-    try:
-        tree = QOMTree(
+    def make_tree(client: QMPClient) -> QOMTree:
+        return QOMTree(
             client,
             ttl=args.ttl,
             batch=False if args.no_batch else None,
             allow_unrealize=args.allow_unrealize,
         )
-        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready, mountpoint=mountpoint)
+
+    tree: Tree
+    if args.socket_dir:
+        tree = forest = Forest(
+            args.socket_dir,
+            make_tree,
+            ttl=args.ttl,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+        )
+        close = forest.close
+    else:
+        client = QMPClient(
+            socket_path,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+            listen=bool(args.listen),
+        )
+        try:
+            client.connect()
+        except QomfsError as err:
+            return _fail(str(err))
+        tree = single = make_tree(client)
+        close = client.close
         if not args.listen:
-            log.info("QEMU %s, qom-list-get %s", client.version, "used" if tree.batch else "unused")
+            log.info(
+                "QEMU %s, qom-list-get %s", client.version, "used" if single.batch else "unused"
+            )
+    try:
+        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready, mountpoint=mountpoint)
         kwargs: dict[str, object] = {
             "fsname": f"qom:{socket_path}",
             "subtype": "qom-fuse",
@@ -237,7 +264,7 @@ def _serve(
                 return 0
             return _fail(f"mounting {mountpoint} failed (libfuse status {err})")
     finally:
-        client.close()
+        close()
     return 0
 
 

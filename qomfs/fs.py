@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from qomfs._fuse import BINDING, FuseOSError, Operations
+from qomfs._fuse import FuseOSError, Operations
 from qomfs.errors import (
     CommandTimeout,
     ConnectionLost,
@@ -38,7 +38,7 @@ from qomfs.errors import (
     ReadFailed,
     ValueTooLarge,
 )
-from qomfs.model import Kind, Node, QOMTree, join
+from qomfs.model import Kind, Node, Tree, join
 
 log = logging.getLogger("qomfs.fs")
 
@@ -141,11 +141,11 @@ class QOMFS(Operations):  # type: ignore[misc]
     ``on_ready`` runs once the kernel has sent INIT (the mount is usable).
     """
 
-    use_ns = True  # mfusepy: times in integer nanoseconds
+    use_ns = True  # times in integer nanoseconds (mfusepy, fusepy >= 3)
 
     def __init__(
         self,
-        tree: QOMTree,
+        tree: Tree,
         *,
         read_only: bool = False,
         on_ready: Callable[[], None] | None = None,
@@ -183,7 +183,7 @@ class QOMFS(Operations):  # type: ignore[misc]
             mode, nlink, size = stat.S_IFLNK | 0o777, 1, 0
         else:
             mode, nlink, size = stat.S_IFREG | 0o644, 1, FILE_SIZE
-        t: float | int = self.mounted_at if BINDING == "mfusepy" else self.mounted_at / 1e9
+        t = self.mounted_at  # nanoseconds: use_ns is honoured by mfusepy and fusepy 3
         return {
             "st_mode": mode,
             "st_nlink": nlink,
@@ -229,15 +229,8 @@ class QOMFS(Operations):  # type: ignore[misc]
     # --- extended attributes -------------------------------------------------
 
     def _stats(self) -> bytes:
-        client = self.tree.client
-        stats = {
-            "qemu": client.version,
-            "batch": self.tree.batch,
-            "ttl": self.tree.ttl,
-            "commands": client.command_counts(),
-            "total": client.total_commands(),
-            "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        }
+        stats = self.tree.stats()
+        stats["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return json.dumps(stats, sort_keys=True).encode()
 
     @_operation

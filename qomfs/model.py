@@ -19,7 +19,7 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qomfs.cache import TTLCache
 from qomfs.errors import (
@@ -141,6 +141,20 @@ def relative_link(link_path: str, target: str) -> str:
     return posixpath.relpath(target, posixpath.dirname(link_path))
 
 
+class Tree(Protocol):
+    """What the filesystem adapter needs: one QOM tree, or several (a forest)."""
+
+    def lookup(self, path: str) -> Node: ...
+    def readdir(self, path: str) -> list[Property]: ...
+    def read_text(self, path: str) -> str: ...
+    def readlink(self, path: str) -> str: ...
+    def write(self, path: str, data: bytes) -> None: ...
+    def write_link(self, path: str, text: str, mountpoint: str = "") -> None: ...
+    def object_type(self, path: str) -> str: ...
+    def description(self, path: str) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
 class QOMTree:
     """Cached, thread-safe access to one QEMU's QOM tree.
 
@@ -175,6 +189,16 @@ class QOMTree:
         if self._batch_pref is not None:
             return self._batch_pref and self.client.has_command("qom-list-get")
         return self.client.has_command("qom-list-get")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``user.qomfs.stats``: QEMU version, QMP commands sent."""
+        return {
+            "qemu": self.client.version,
+            "batch": self.batch,
+            "ttl": self.ttl,
+            "commands": self.client.command_counts(),
+            "total": self.client.total_commands(),
+        }
 
     # --- cache control ------------------------------------------------------
 
@@ -225,7 +249,7 @@ class QOMTree:
 
         Returns [] when QEMU refuses the batch (one invalid path fails it all).
         """
-        started = self._clock()
+        started, generation = self._clock(), self._values.generation
         try:
             reply = self.client.execute("qom-list-get", {"paths": paths})
         except ExecuteError as err:
@@ -241,7 +265,7 @@ class QOMTree:
                 prop = Property.from_wire(item)
                 props[prop.name] = prop
                 if "value" in item and not prop.is_child:
-                    self._values.put((path, prop.name), item["value"], started)
+                    self._values.put((path, prop.name), item["value"], started, generation)
             out.append(Listing(path, props))
         return out
 
@@ -259,9 +283,9 @@ class QOMTree:
                 if p.is_child and not self._listings.peek(join(path, p.name))[0]
             ]
             if missing:
-                started = self._clock()
+                started, generation = self._clock(), self._listings.generation
                 for child in self._fetch_batch(missing):
-                    self._listings.put(child.path, child, started)
+                    self._listings.put(child.path, child, started, generation)
         return list(listing.properties.values())
 
     def lookup(self, path: str) -> Node:

@@ -1,0 +1,432 @@
+"""QMPClient and JSONStreamDecoder against a fake monitor on a real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qomfs.errors import (
+    CommandTimeout,
+    ConnectError,
+    ConnectionLost,
+    ExecuteError,
+    ProtocolError,
+)
+from qomfs.qmp import Event, JSONStreamDecoder, QMPClient, State
+from tests.fakeqmp import BASE_COMMANDS, GARBAGE, IDLESS_ERROR, FakeQMP, Tree, event
+
+LABEL = "héllo wörld ✓ 日本語 🎉 \\x2f"
+TREE: Tree = {
+    "/": [
+        {"name": "type", "type": "string", "value": "container"},
+        {"name": "machine", "type": "child<pc-q35-7.2-machine>"},
+    ],
+    "/machine": [
+        {"name": "type", "type": "string", "value": "pc-q35-7.2-machine", "readonly": True},
+        {"name": "label", "type": "string", "value": LABEL},
+        {"name": "dump-guest-core", "type": "bool", "value": True},
+    ],
+}
+
+
+def get(client: QMPClient, prop: str, path: str = "/machine") -> Any:
+    return client.execute("qom-get", {"path": path, "property": prop})
+
+
+def state(client: QMPClient) -> State:
+    """The client's state, read anew (mypy would keep an earlier narrowing)."""
+    return client.state
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short directory (unix socket paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="qomfs-test-") as d:
+        yield d
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeQMP]:
+    with FakeQMP(TREE) as server:
+        yield server
+
+
+# --- greeting, negotiation, wire shapes ----------------------------------------
+
+
+def test_greeting_and_negotiation(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        assert client.state is State.READY
+        assert client.version == "7.2.0"
+        assert client.greeting["QMP"]["capabilities"] == ["oob"]
+        assert client.has_command("qom-get")
+        assert not client.has_command("qom-list-get")
+        expected = {"qmp_capabilities": 1, "query-commands": 1}
+        assert fake.command_counts() == client.command_counts() == expected
+    assert state(client) is State.CLOSED
+
+
+def test_has_command_follows_query_commands() -> None:
+    fake = FakeQMP(TREE, commands=[*BASE_COMMANDS, "qom-list-get"])
+    with fake, QMPClient(fake.path, timeout=2) as client:
+        assert client.has_command("qom-list-get")
+        assert not client.has_command("device_add")
+
+
+def test_fake_requires_negotiation_like_qemu(fake: FakeQMP) -> None:
+    """The fake itself: commands before qmp_capabilities fail, ids echo."""
+    with socket.socket(socket.AF_UNIX) as sock, sock.makefile("rb") as stream:
+        sock.connect(fake.path)
+        assert "QMP" in json.loads(stream.readline())
+        sock.sendall(b'{"execute": "qom-list", "arguments": {"path": "/"}, "id": "a"}\n')
+        reply = json.loads(stream.readline())
+        assert reply["id"] == "a" and reply["error"]["class"] == "CommandNotFound"
+        sock.sendall(b'{"execute": "qmp_capabilities", "id": [1]}\n')
+        assert json.loads(stream.readline()) == {"return": {}, "id": [1]}
+
+
+@pytest.mark.parametrize(("pretty", "chunk"), [(False, 0), (True, 0), (False, 3), (True, 3)])
+def test_wire_shapes(pretty: bool, chunk: int) -> None:
+    """Pretty multi-line JSON and replies cut anywhere, even inside UTF-8."""
+    with FakeQMP(TREE, pretty=pretty, chunk=chunk) as fake, QMPClient(fake.path) as client:
+        assert get(client, "label") == LABEL
+        assert get(client, "dump-guest-core") is True
+        names = [p["name"] for p in client.execute("qom-list", {"path": "/machine"})]
+        assert names == ["type", "label", "dump-guest-core"]
+
+
+# --- events and id-less errors -----------------------------------------------
+
+
+@pytest.mark.parametrize("pretty", [False, True])
+def test_events_between_replies_reach_subscribers(pretty: bool) -> None:
+    with FakeQMP(TREE, pretty=pretty, chunk=2) as fake, QMPClient(fake.path) as client:
+        seen: list[Event] = []
+        client.subscribe(seen.append)
+        fake.inject["qom-get"] = [
+            event("DEVICE_DELETED", {"path": "/machine/peripheral/nic0"}),
+            event("RTC_CHANGE", {"offset": 1, "qom-path": LABEL}),
+        ]
+        for _ in range(5):
+            assert get(client, "label") == LABEL
+        # Events precede each reply on the wire, so they are already delivered.
+        assert [e.name for e in seen] == ["DEVICE_DELETED", "RTC_CHANGE"] * 5
+        assert seen[1].data == {"offset": 1, "qom-path": LABEL}
+        assert abs(seen[0].timestamp - time.time()) < 60
+        assert client.command_counts()["qom-get"] == 5
+
+
+def test_idless_error_does_not_kill_the_session(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.inject["qom-get"] = [IDLESS_ERROR]
+        assert get(client, "label") == LABEL  # the stray error is not its reply
+        fake.inject.clear()
+        assert fake.send(IDLESS_ERROR)  # and one at an idle moment
+        assert get(client, "dump-guest-core") is True
+        assert client.state is State.READY
+
+
+# --- replies, errors, timeouts ------------------------------------------------
+
+
+def test_replies_matched_by_id_under_concurrency() -> None:
+    threads_n, per_thread = 16, 100
+    props = [
+        {"name": f"p{t}-{k}", "type": "int", "value": t * 1000 + k}
+        for t in range(threads_n)
+        for k in range(per_thread)
+    ]
+    with FakeQMP({"/": [], "/t": props}) as fake, QMPClient(fake.path) as client:
+        start = threading.Barrier(threads_n)
+        results: dict[int, list[Any]] = {}
+
+        def work(t: int) -> None:
+            start.wait()
+            results[t] = [get(client, f"p{t}-{k}", "/t") for k in range(per_thread)]
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(20)
+        for t in range(threads_n):
+            assert results[t] == [t * 1000 + k for k in range(per_thread)]
+        expected = {"qmp_capabilities": 1, "query-commands": 1, "qom-get": 1600}
+        assert client.command_counts() == fake.command_counts() == expected
+        assert client.total_commands() == 1602
+
+
+def test_execute_error_carries_class_and_desc(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        with pytest.raises(ExecuteError) as info:
+            get(client, "nope")
+        assert info.value.error_class == "GenericError"
+        assert info.value.desc == "Property 'pc-q35-7.2-machine.nope' not found"
+        assert info.value.command == "qom-get"
+        assert info.value.arguments == {"path": "/machine", "property": "nope"}
+        with pytest.raises(ExecuteError) as info:
+            get(client, "type", "/machine/nope")
+        assert (info.value.error_class, info.value.desc) == (
+            "DeviceNotFound",
+            "Device '/machine/nope' not found",
+        )
+        with pytest.raises(ExecuteError) as info:
+            client.execute("qom-list-get", {"paths": ["/"]})
+        assert info.value.error_class == "CommandNotFound"
+        assert get(client, "label") == LABEL
+
+
+def test_command_timeout_keeps_the_connection(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.delay["qom-get"] = 0.5
+        started = time.monotonic()
+        with pytest.raises(CommandTimeout) as info:
+            client.execute("qom-get", {"path": "/machine", "property": "label"}, timeout=0.15)
+        assert 0.15 <= time.monotonic() - started < 0.45
+        assert (info.value.command, info.value.timeout) == ("qom-get", 0.15)
+        fake.delay.clear()
+        # The late qom-get reply arrives first and must not be taken for this one.
+        assert client.execute("qom-list", {"path": "/"}) == [
+            {"name": "type", "type": "string"},
+            {"name": "machine", "type": "child<pc-q35-7.2-machine>"},
+        ]
+        assert client.state is State.READY
+
+
+# --- lost connections and reconnection ----------------------------------------
+
+
+def test_drop_fails_pending_and_later_commands(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=3, reconnect=False) as client:
+        fake.delay["qom-get"] = 0.2  # keeps the other three pending meanwhile
+        fake.drop_after = 3  # negotiation (2) and one qom-get are answered
+        outcomes: list[object] = []
+
+        def one() -> None:
+            try:
+                outcomes.append(get(client, "label"))
+            except ConnectionLost as err:
+                outcomes.append(err)
+
+        started = time.monotonic()
+        workers = [threading.Thread(target=one) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(5)
+        assert time.monotonic() - started < 1.5  # lost, not timed out
+        assert outcomes.count(LABEL) == 1
+        assert sum(isinstance(o, ConnectionLost) for o in outcomes) == 3
+        wait_until(lambda: client.state is State.LOST)
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            get(client, "label")
+        assert time.monotonic() - started < 0.1
+        assert fake.connections == 1
+
+
+def test_reconnects_when_the_server_stays(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        hooks: list[int] = []
+        client.on_reconnect(lambda: hooks.append(1))
+        fake.drop_after = 2
+        with pytest.raises(ConnectionLost):
+            get(client, "label")
+        wait_until(lambda: client.state is State.LOST)
+        assert get(client, "label") == LABEL  # reconnects on the next command
+        assert client.state is State.READY
+        assert hooks == [1] and fake.connections == 2
+        assert fake.command_counts()["qmp_capabilities"] == 2
+
+
+def test_reconnects_when_the_server_comes_back(sockdir: str) -> None:
+    path = os.path.join(sockdir, "qmp.sock")
+    hooks: list[int] = []
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(FakeQMP(TREE, path=path))
+        client = stack.enter_context(QMPClient(path, timeout=2))
+        client.on_reconnect(lambda: hooks.append(1))
+        assert get(client, "label") == LABEL
+        first.close()
+        for _ in range(2):  # the pending-or-next command, then a failed reconnect
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost):
+                get(client, "label")
+            assert time.monotonic() - started < 0.5
+        assert client.state is State.LOST and hooks == []
+
+        tree = {**TREE, "/machine": [{"name": "label", "type": "string", "value": "second"}]}
+        second = stack.enter_context(FakeQMP(tree, path=path))
+        deadline = time.monotonic() + 5
+        while True:  # the client backs off between attempts
+            try:
+                value = get(client, "label")
+                break
+            except ConnectionLost:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert value == "second"
+        assert hooks == [1] and second.connections == 1
+        assert state(client) is State.READY
+
+
+def test_closed_client_refuses_commands(fake: FakeQMP) -> None:
+    client = QMPClient(fake.path)
+    with pytest.raises(ConnectionLost, match="not connected"):
+        get(client, "label")
+    client.connect()
+    client.close()
+    with pytest.raises(ConnectionLost, match="closed"):
+        get(client, "label")
+
+
+# --- connect errors ----------------------------------------------------------
+
+
+def connect_error(path: str, timeout: float = 2.0) -> str:
+    client = QMPClient(path, connect_timeout=timeout)
+    started = time.monotonic()
+    with pytest.raises(ConnectError) as info:
+        client.connect()
+    assert time.monotonic() - started < timeout + 1
+    client.close()
+    return str(info.value)
+
+
+def test_connect_error_no_such_path(sockdir: str) -> None:
+    path = os.path.join(sockdir, "missing.sock")
+    message = connect_error(path)
+    assert path in message and "no such socket" in message
+
+
+@pytest.mark.parametrize("kind", ["stale", "bound"])
+def test_connect_error_nobody_listening(sockdir: str, kind: str) -> None:
+    path = os.path.join(sockdir, "qmp.sock")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)  # a socket file with no listener behind it
+    if kind == "stale":
+        sock.close()
+    try:
+        message = connect_error(path)
+    finally:
+        sock.close()
+    assert path in message and "refused" in message
+
+
+def test_connect_error_busy_monitor() -> None:
+    with FakeQMP(TREE, greeting="none") as fake:
+        message = connect_error(fake.path, timeout=0.3)
+    assert "busy" in message and "another client" in message
+
+
+def test_connect_error_monitor_serving_another_client(fake: FakeQMP) -> None:
+    """A real monitor greets a second client only when the first leaves."""
+    with QMPClient(fake.path) as first:
+        assert "busy" in connect_error(fake.path, timeout=0.3)
+        assert get(first, "label") == LABEL
+
+
+@pytest.mark.parametrize("garbage", [GARBAGE, b'{"hello": "world"}\r\n'])
+def test_connect_error_not_qmp(garbage: bytes) -> None:
+    with FakeQMP(TREE, greeting=garbage) as fake:
+        message = connect_error(fake.path)
+    assert "does not speak QMP" in message
+
+
+def test_listen_mode_accepts_qemu(sockdir: str) -> None:
+    """QEMU started with ``-qmp unix:PATH`` (no server=on) connects to us,
+    and with ``reconnect=N`` comes back after the connection is lost."""
+    path = os.path.join(sockdir, "listen.sock")
+    with FakeQMP(TREE, connect_to=path) as fake:
+        with QMPClient(path, listen=True, timeout=3, connect_timeout=3) as client:
+            hooks: list[int] = []
+            client.on_reconnect(lambda: hooks.append(1))
+            assert get(client, "label") == LABEL
+            assert fake.connections == 1 and hooks == []
+            fake.drop()
+            wait_until(lambda: fake.connections == 2 and state(client) is State.READY)
+            assert get(client, "dump-guest-core") is True
+            wait_until(lambda: hooks == [1])  # the hook runs on the acceptor thread
+            assert fake.command_counts()["qmp_capabilities"] == 2
+        assert not os.path.exists(path)  # the client removes its socket
+
+
+def test_listen_mode_without_qemu_fails_fast(sockdir: str) -> None:
+    path = os.path.join(sockdir, "listen.sock")
+    with QMPClient(path, listen=True, timeout=0.3) as client:
+        assert os.path.exists(path)
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="not connected"):
+            get(client, "label")
+        assert time.monotonic() - started < 1.5
+
+
+# --- the decoder -------------------------------------------------------------
+
+MESSAGES: list[dict[str, Any]] = [
+    {"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": ["oob"]}},
+    {"return": {}, "id": 1},
+    {"event": "X", "data": {"text": "ünïcödé ✓ 日本 🎉", "nested": [{"a": []}]}},
+    {"return": ["{not a brace", "}", "\\", '"'], "id": 2},
+    {"error": {"class": "GenericError", "desc": "«»"}},
+]
+
+
+def test_decoder_one_byte_at_a_time() -> None:
+    stream = "".join(json.dumps(m, indent=4, ensure_ascii=False) + "\r\n" for m in MESSAGES)
+    decoder = JSONStreamDecoder()
+    out: list[dict[str, Any]] = []
+    for byte in stream.encode():
+        out.extend(decoder.feed(bytes([byte])))
+    assert out == MESSAGES
+    assert decoder.pending == ""
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.dictionaries(st.text(), json_values, max_size=4), min_size=1, max_size=4),
+    st.booleans(),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1),
+)
+def test_decoder_any_split(messages: list[dict[str, Any]], pretty: bool, sizes: list[int]) -> None:
+    stream = "".join(
+        json.dumps(m, indent=2 if pretty else None, ensure_ascii=False) + "\n" for m in messages
+    ).encode()
+    decoder, out, pos, i = JSONStreamDecoder(), [], 0, 0
+    while pos < len(stream):
+        step = sizes[i % len(sizes)]
+        out.extend(decoder.feed(stream[pos : pos + step]))
+        pos, i = pos + step, i + 1
+    assert out == messages
+
+
+def test_decoder_rejects_non_objects() -> None:
+    with pytest.raises(ProtocolError):
+        JSONStreamDecoder().feed(b"[1, 2]\n")
+    with pytest.raises(ProtocolError):
+        JSONStreamDecoder().feed(GARBAGE)
