@@ -106,6 +106,29 @@ def is_destructive(name: str, value: Any) -> bool:
     return (name == "realized" and value is False) or name == "cpu-hotplug-legacy"
 
 
+def parse_list_get(paths: list[str], reply: Any) -> list[tuple[Listing, dict[str, Any]]]:
+    """Check a ``qom-list-get`` reply; each object's listing and the values it has.
+
+    A property whose getter failed has no value (it is absent from the dict).
+    """
+    if not isinstance(reply, list) or len(reply) != len(paths):
+        raise ReadFailed(f"qom-list-get: unexpected reply {reply!r:.200}")
+    out = []
+    for path, obj in zip(paths, reply, strict=True):
+        items = obj.get("properties") if isinstance(obj, dict) else None
+        if not isinstance(items, list):
+            raise ReadFailed(f"qom-list-get {path}: unexpected reply {obj!r:.200}")
+        props: dict[str, Property] = {}
+        values: dict[str, Any] = {}
+        for item in items:
+            prop = Property.from_wire(item)
+            props[prop.name] = prop
+            if "value" in item:
+                values[prop.name] = item["value"]
+        out.append((Listing(path, props), values))
+    return out
+
+
 def _is_property_not_found(desc: str, name: str) -> bool:
     """QEMU's "Property 'TYPE.NAME' not found" (or "'NAME'"), not a getter's words."""
     return desc == f"Property '{name}' not found" or (
@@ -255,18 +278,12 @@ class QOMTree:
         except ExecuteError as err:
             log.debug("qom-list-get %s refused: %s", paths, err)
             return []
-        if not isinstance(reply, list) or len(reply) != len(paths):
-            raise ReadFailed(f"qom-list-get: unexpected reply {reply!r:.200}")
         out = []
-        for path, obj in zip(paths, reply, strict=True):
-            items = obj.get("properties", []) if isinstance(obj, dict) else []
-            props: dict[str, Property] = {}
-            for item in items:
-                prop = Property.from_wire(item)
-                props[prop.name] = prop
-                if "value" in item and not prop.is_child:
-                    self._values.put((path, prop.name), item["value"], started, generation)
-            out.append(Listing(path, props))
+        for listing, values in parse_list_get(paths, reply):
+            for name, value in values.items():
+                if not listing.properties[name].is_child:
+                    self._values.put((listing.path, name), value, started, generation)
+            out.append(listing)
         return out
 
     def readdir(self, path: str) -> list[Property]:

@@ -28,9 +28,8 @@ from qomfs.errors import (
     NotFound,
     QOMError,
     QomfsError,
-    ReadFailed,
 )
-from qomfs.model import Property, QOMTree, join
+from qomfs.model import Property, QOMTree, join, parse_list_get
 from qomfs.qmp import QMPClient
 from qomfs.values import format_value
 
@@ -217,17 +216,10 @@ def _fetch_level(tree: QOMTree, paths: list[str], is_root: bool) -> list[_Object
 
 def _batch(tree: QOMTree, paths: list[str]) -> list[_Object]:
     reply = tree.client.execute("qom-list-get", {"paths": paths})
-    if not isinstance(reply, list) or len(reply) != len(paths):
-        raise ReadFailed(f"qom-list-get: unexpected reply {reply!r:.200}")
-    out = []
-    for path, item in zip(paths, reply, strict=True):
-        entries = item.get("properties") if isinstance(item, dict) else None
-        if not isinstance(entries, list):
-            raise ReadFailed(f"qom-list-get {path}: unexpected reply {item!r:.200}")
-        obj = _Object(path, [Property.from_wire(e) for e in entries])
-        obj.values = {e["name"]: e["value"] for e in entries if "value" in e}
-        out.append(obj)
-    return out
+    return [
+        _Object(listing.path, list(listing.properties.values()), values)
+        for listing, values in parse_list_get(paths, reply)
+    ]
 
 
 def _tree_lines(
