@@ -166,3 +166,28 @@ def test_ls_r_costs_one_command_per_object(
     spent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert sum(spent.values()) <= len(tree) + 2, spent
     assert spent.get("qom-get", 0) == 0, spent
+
+
+def test_parallel_greps_agree_and_share_commands(mnt: Mount) -> None:
+    """8 parallel grep -r see exactly what one sees, for about one's QMP cost."""
+    import concurrent.futures
+    import time
+
+    target = str(mnt.path / "machine" / "q35")
+
+    def grep() -> str:
+        res = run("grep", "-r", ".", target, check=False)
+        return "".join(sorted(res.stdout.splitlines(keepends=True)))
+
+    time.sleep(1.1)
+    before = mnt.commands()
+    alone = grep()
+    one = mnt.commands() - before
+    time.sleep(1.1)  # cold again
+    before = mnt.commands()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(lambda _: grep(), range(8)))
+    eight = mnt.commands() - before
+    assert alone and all(out == alone for out in outputs)
+    assert one > 10
+    assert eight <= 2 * one, (one, eight)  # one fetch per key serves all waiters
