@@ -105,9 +105,12 @@ class Forest:
         for tree in trees:
             tree.client.close()
 
-    def _tree(self, name: str) -> QOMTree:
+    def _require(self, name: str) -> None:
         if name not in self.names():
             raise NotFound(f"/{name}: no such VM socket in {self.socket_dir}")
+
+    def _tree(self, name: str) -> QOMTree:
+        self._require(name)
         with self._lock:
             tree = self._trees.get(name)
             if tree is not None:
@@ -145,8 +148,7 @@ class Forest:
             return Node("/", Kind.OBJECT, None)
         name, rest = self._route(path)
         if rest == "/":
-            if name not in self.names():
-                raise NotFound(f"{path}: no such VM socket in {self.socket_dir}")
+            self._require(name)
             return Node(path, Kind.OBJECT, Property(name, f"child<{VM_TYPE}>"))
         return self._in(name, self._tree(name).lookup(rest))
 

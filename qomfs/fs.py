@@ -344,8 +344,6 @@ class QOMFS(Operations):  # type: ignore[misc]
     def utimens(self, path: str, times: Any = None) -> int:
         return 0  # touch(1) works and changes nothing
 
-    # --- what a QOM tree cannot do -------------------------------------------
-
     # --- writable links: ln -sfn TARGET LINK ----------------------------------
     #
     # ln -sf cannot replace an existing name with symlink(2): it makes a
@@ -386,7 +384,7 @@ class QOMFS(Operations):  # type: ignore[misc]
     def rename(self, old: str, new: str) -> int:
         text = self._pending_link(old)
         if text is None:
-            raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+            return self._refuse()
         try:
             self.tree.write_link(new, text, self.mountpoint)
         finally:
@@ -399,7 +397,9 @@ class QOMFS(Operations):  # type: ignore[misc]
         with self._handles_lock:
             if self._pending.pop(path, None) is not None:
                 return 0
-        raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+        return self._refuse()
+
+    # --- what a QOM tree cannot do -------------------------------------------
 
     def _refuse(self, *args: Any) -> int:
         raise FuseOSError(errno.EROFS if self.read_only else errno.EPERM)

@@ -357,8 +357,7 @@ class QMPClient:
                 raise ConnectionLost(f"reconnecting: {err}") from err
             self._backoff = 0.0
             log.warning("reconnected to %s (QEMU %s)", describe_address(self.address), self.version)
-        for hook in self._reconnect_hooks:
-            hook()
+        self._reconnected()
         conn = self._conn
         assert conn is not None
         return conn
@@ -434,8 +433,11 @@ class QMPClient:
             accepted += 1
             log.warning("QEMU %s connected on %s", self.version, self.address)
             if accepted > 1:
-                for hook in self._reconnect_hooks:
-                    hook()
+                self._reconnected()
+
+    def _reconnected(self) -> None:
+        for hook in self._reconnect_hooks:
+            hook()
 
     def _alive(self) -> bool:
         return self._conn is not None and self._conn.dead is None
@@ -445,7 +447,7 @@ class QMPClient:
         with self._ready:
             while not self._alive():
                 left = deadline - time.monotonic()
-                if self._state is State.CLOSED or left <= 0:
+                if self.closed or left <= 0:
                     raise ConnectionLost(f"QEMU is not connected to {self.address}")
                 self._ready.wait(left)
             assert self._conn is not None
