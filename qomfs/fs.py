@@ -225,6 +225,22 @@ class QOMFS(Operations):  # type: ignore[misc]
         return entries
 
     @_operation
+    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, Any]]]:
+        """Entries with whole attributes, for READDIRPLUS (libfuse3)."""
+        here = self._attrs(Node(path, Kind.OBJECT, None))
+        entries = [(".", here), ("..", here)]
+        for prop in self.tree.readdir(path):
+            child = join(path, prop.name)
+            if prop.is_child:
+                kind = Kind.OBJECT
+            elif prop.is_link:
+                kind = Kind.LINK
+            else:
+                kind = Kind.PROPERTY
+            entries.append((prop.name, self._attrs(Node(child, kind, prop))))
+        return entries
+
+    @_operation
     def readlink(self, path: str) -> str:
         pending = self._pending_link(path) if self._pending else None
         return pending if pending is not None else self.tree.readlink(path)
@@ -254,6 +270,10 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not name.startswith("user."):
+            # security.selinux, system.posix_acl_*: not ours.  ENOTSUP, not
+            # ENODATA: ls(1) then stops asking for every file of this mount.
+            raise FuseOSError(errno.ENOTSUP)
         if path == "/" and name == STATS_XATTR:
             return self._stats()
         node = self.tree.lookup(path)
