@@ -18,7 +18,6 @@ import codecs
 import collections
 import contextlib
 import enum
-import itertools
 import json
 import logging
 import os
@@ -124,9 +123,11 @@ class _Connection:
         self.sock = sock
         self.decoder = decoder
         self.peer = peer
-        self.pending: dict[int, _Pending] = {}
+        # Commands sent and not yet answered, oldest first: QMP answers
+        # in-band commands one at a time, in the order they arrive.
+        self.pending: collections.deque[_Pending] = collections.deque()
         self.lock = threading.Lock()  # guards pending and dead
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()  # a send and its place in pending go together
         self.dead: QMPError | None = None
         self.reader: threading.Thread | None = None
 
@@ -136,13 +137,51 @@ class _Connection:
             if self.dead is not None:
                 return
             self.dead = why
-            waiters = list(self.pending.values())
+            waiters = list(self.pending)
             self.pending.clear()
         for p in waiters:
             p.lost = why
             p.done.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+#: QEMU's JSON parser gives up on a message nested deeper than 1024, of more
+#: than 2M tokens or with a token over 64 MiB, and then answers with errors
+#: that carry no id, possibly several.  Commands never come near: checked.
+MAX_NESTING = 1000
+MAX_REQUEST = 1024 * 1024
+#: How the errors QEMU sends for unparsable input begin (its JSON parser and
+#: its check of the request's shape); none can answer a well-formed command.
+STRAY_ERRORS = ("JSON ", "QMP input", "Expected 'execute'")
+
+
+def _depth(value: Any, limit: int) -> int:
+    if isinstance(value, dict):
+        values: Any = value.values()
+    elif isinstance(value, list):
+        values = value
+    else:
+        return 0
+    if limit <= 0:
+        return 1
+    return 1 + max((_depth(v, limit - 1) for v in values), default=0)
+
+
+def _check_parsable(command: str, arguments: dict[str, Any] | None, data: bytes) -> None:
+    """Refuse what QEMU's parser would reject without saying for which command."""
+    if len(data) > MAX_REQUEST:
+        raise ExecuteError(
+            command, arguments or {}, "GenericError", f"request of {len(data)} bytes is too large"
+        )
+    if arguments and _depth(arguments, MAX_NESTING) >= MAX_NESTING:
+        raise ExecuteError(command, arguments, "GenericError", "value nested too deeply")
+
+
+def _is_stray_error(msg: dict[str, Any]) -> bool:
+    error = msg.get("error")
+    desc = error.get("desc", "") if isinstance(error, dict) else ""
+    return isinstance(desc, str) and desc.startswith(STRAY_ERRORS)
 
 
 def describe_address(address: str) -> str:
@@ -187,7 +226,6 @@ class QMPClient:
         self._state_lock = threading.Lock()
         self._ready = threading.Condition(self._state_lock)  # a connection came or went
         self._connect_lock = threading.Lock()
-        self._ids = itertools.count(1)
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
@@ -294,28 +332,26 @@ class QMPClient:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
+        _check_parsable(command, arguments, data)
         deadline = time.monotonic() + timeout
         if not self._in_flight.acquire(timeout=timeout):
             raise CommandTimeout(command, timeout)
         try:
-            ident = next(self._ids)
-            msg["id"] = ident
             pending = _Pending()
-            with conn.lock:
-                if conn.dead is not None:
-                    raise ConnectionLost(str(conn.dead))
-                conn.pending[ident] = pending
-            data = json.dumps(msg).encode() + b"\n"
             with self._counts_lock:
                 self._counts[command] += 1
             try:
                 with conn.send_lock:
+                    with conn.lock:
+                        if conn.dead is not None:
+                            raise ConnectionLost(str(conn.dead))
+                        conn.pending.append(pending)
                     conn.sock.sendall(data)
             except OSError as err:
                 self._lost(conn, ConnectionLost(f"sending {command!r} to {conn.peer}: {err}"))
             if not pending.done.wait(max(0.0, deadline - time.monotonic())):
-                with conn.lock:
-                    conn.pending.pop(ident, None)
+                # Its reply, when it comes, still takes its place in line.
                 raise CommandTimeout(command, timeout)
         finally:
             self._in_flight.release()
@@ -577,15 +613,15 @@ class QMPClient:
                     log.exception("event subscriber failed on %s", event.name)
             return
         if "return" in msg or "error" in msg:
-            ident = msg.get("id")
-            if ident is None:
-                # QEMU sends id-less errors for input it could not parse.
+            if "id" in msg or _is_stray_error(msg):
+                # Not an answer to one of our (id-less, well-formed) commands:
+                # QEMU's complaint about input it could not parse.
                 log.warning("QEMU reported an error for no command: %s", msg.get("error"))
                 return
             with conn.lock:
-                pending = conn.pending.pop(ident, None) if isinstance(ident, int) else None
+                pending = conn.pending.popleft() if conn.pending else None
             if pending is None:
-                log.debug("reply to a command no longer waited for (id %r)", ident)
+                log.warning("QEMU answered a command never sent: %.200s", json.dumps(msg))
                 return
             pending.reply = msg
             pending.done.set()
