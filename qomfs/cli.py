@@ -238,7 +238,11 @@ def _serve(
         except QomfsError as err:
             return _fail(str(err))
         tree = single = make_tree(client)
-        close = client.close
+
+        def close() -> None:
+            client.close()
+            single.close()
+
         if not args.listen:
             log.info(
                 "QEMU %s, qom-list-get %s", client.version, "used" if single.batch else "unused"

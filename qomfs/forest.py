@@ -97,6 +97,7 @@ class Forest:
         for tree in dropped:
             log.info("VM %s is gone", tree.client.address)
             tree.client.close()
+            tree.close()
         return found
 
     def close(self) -> None:
@@ -104,6 +105,7 @@ class Forest:
             trees, self._trees = list(self._trees.values()), {}
         for tree in trees:
             tree.client.close()
+            tree.close()
 
     def _require(self, name: str) -> None:
         if name not in self.names():

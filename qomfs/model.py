@@ -14,10 +14,13 @@ subtree at once; a reconnection drops everything.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import posixpath
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +33,8 @@ from qomfs.errors import (
     NotFound,
     NotReadable,
     NotWritable,
+    QOMError,
+    QomfsError,
     ReadFailed,
     ValueTooLarge,
 )
@@ -42,6 +47,25 @@ log = logging.getLogger("qomfs.model")
 UNSET_LINK = "(unset)"
 #: The largest value a write may carry.
 MAX_WRITE = 64 * 1024
+
+#: Read-ahead, for a reader that goes through a directory in order (``grep
+#: -r``, ``ls -lR``) or descends into one child object after another (``ls
+#: -R``, ``find``): once it has read two entries of a directory within the
+#: TTL, the next entries of the same kind are fetched in the background, so
+#: QEMU answers while the reader is busy with FUSE.  Only what such a reader
+#: is about to ask for, so the command count stays that of the walk.
+READAHEAD = 8
+#: Reads in a row, in order, that make a walk.
+WALK_RUN = 2
+#: A directory listed during a walk: its first properties of the walked kinds
+#: (a walker reads them all, in whatever order it sorts them).
+READAHEAD_LISTED = 64
+#: At most this many read-ahead commands queued or in flight.
+READAHEAD_QUEUE = 256
+#: Threads that issue read-ahead commands (QEMU answers one at a time anyway).
+READAHEAD_WORKERS = 3
+#: With ``qom-list-get``: child objects listed per command, ahead of a walker.
+BATCH_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,77 @@ class Listing:
 
     path: str
     properties: dict[str, Property]
+
+    @functools.cached_property
+    def _groups(self) -> dict[str, tuple[str, ...]]:
+        groups: dict[str, list[str]] = {"child": [], "link": [], "plain": []}
+        for prop in self.properties.values():
+            groups[_group(prop)].append(prop.name)
+        return {kind: tuple(names) for kind, names in groups.items()}
+
+    @functools.cached_property
+    def _order(self) -> dict[str, tuple[tuple[str, ...], int, tuple[str, ...], int]]:
+        """name -> the names of its kind in QEMU's order and sorted, and its
+        index in each."""
+        out = {}
+        for names in self._groups.values():
+            ordered = tuple(sorted(names))
+            where = {name: i for i, name in enumerate(ordered)}
+            for i, name in enumerate(names):
+                out[name] = (names, i, ordered, where[name])
+        return out
+
+    def names(self, kind: str) -> tuple[str, ...]:
+        """The names of one kind ("child", "link", "plain"), in QEMU's order."""
+        return self._groups.get(kind, ())
+
+    def adjacent(self, before: str, name: str) -> bool:
+        """Whether ``name`` comes right after ``before`` among the names of
+        its kind, in QEMU's order or sorted: what a walker reads next."""
+        hit = self._order.get(before)
+        if hit is None:
+            return False
+        names, i, ordered, j = hit
+        return names[i + 1 : i + 2] == (name,) or ordered[j + 1 : j + 2] == (name,)
+
+    def first(self, kind: str) -> tuple[str, ...]:
+        """What a walker reads first of one kind: up to READAHEAD_LISTED
+        properties, or the first READAHEAD objects in QEMU's order and sorted
+        (it may not go into them all, and each leads to more)."""
+        names = self.names(kind)
+        if kind != "child":
+            return names[:READAHEAD_LISTED]
+        ahead = names[:READAHEAD]
+        return ahead + tuple(n for n in sorted(names)[:READAHEAD] if n not in ahead)
+
+    def following(self, name: str, count: int) -> tuple[str, ...]:
+        """The names that come next after ``name`` among those of its kind
+        (objects, links or plain properties): up to ``count`` in QEMU's
+        order (``find``, ``grep -r``) and ``count`` sorted (``ls``)."""
+        hit = self._order.get(name)
+        if hit is None:
+            return ()
+        names, i, ordered, j = hit
+        ahead = names[i + 1 : i + 1 + count]
+        return ahead + tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
+
+
+def _group(prop: Property) -> str:
+    return "child" if prop.is_child else "link" if prop.is_link else "plain"
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A read QEMU refused, cached like a value (as fresh as a value would be)."""
+
+    kind: type[QOMError]
+    message: str
+    cause: ExecuteError
+
+    def error(self) -> QOMError:
+        error = self.kind(self.message, self.cause)
+        error.__cause__ = self.cause
+        return error
 
 
 def is_destructive(name: str, value: Any) -> bool:
@@ -183,7 +278,9 @@ class QOMTree:
 
     ``batch`` chooses ``qom-list-get`` (QEMU >= 10.1) for listings: ``None``
     uses it when the server offers it.  ``allow_unrealize`` lets a write of
-    ``false`` to ``realized`` through.  ``clock`` is injectable for tests.
+    ``false`` to ``realized`` through.  ``readahead`` (on unless ``ttl`` is
+    0) fetches ahead of a reader in background threads (see
+    :data:`READAHEAD`).  ``clock`` is injectable for tests.
     """
 
     def __init__(
@@ -193,12 +290,21 @@ class QOMTree:
         *,
         batch: bool | None = None,
         allow_unrealize: bool = False,
+        readahead: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.ttl = ttl
         self.allow_unrealize = allow_unrealize
+        self.readahead = readahead and ttl > 0
         self._batch_pref = batch
+        self._ra_lock = threading.Lock()
+        # (dir, kind) -> (when, name) of the last read there, and how many
+        # reads in a row came one right after the other
+        self._ra_seen: dict[tuple[str, str], tuple[float, str, int]] = {}
+        self._ra_walks: dict[str, float] = {}  # kind -> until when a walk is on
+        self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
+        self._ra_pool: ThreadPoolExecutor | None = None
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
         self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
         self._descriptions: TTLCache[str, dict[str, str]] = TTLCache(float("inf"), clock)
@@ -254,6 +360,18 @@ class QOMTree:
 
     def _fetch_listing(self, path: str) -> Listing:
         if self.batch and self.ttl > 0:
+            # A walker that reaches an object not yet listed gets the next
+            # siblings' listings in the same command.
+            parent, name = split(path)
+            hit, siblings = self._listings.peek(parent) if path != "/" else (False, None)
+            ahead = siblings.following(name, BATCH_CHUNK - 1) if hit and siblings else ()
+            more = [join(parent, n) for n in ahead if not self._listings.peek(join(parent, n))[0]]
+            started, generation = self._clock(), self._listings.generation
+            listings = self._fetch_batch([path, *more]) if more else []
+            if listings:
+                for child in listings[1:]:
+                    self._listings.put(child.path, child, started, generation)
+                return listings[0]
             listings = self._fetch_batch([path])
             if listings:
                 return listings[0]
@@ -298,11 +416,13 @@ class QOMTree:
                 join(path, p.name)
                 for p in listing.properties.values()
                 if p.is_child and not self._listings.peek(join(path, p.name))[0]
-            ]
+            ][:BATCH_CHUNK]
             if missing:
                 started, generation = self._clock(), self._listings.generation
                 for child in self._fetch_batch(missing):
                     self._listings.put(child.path, child, started, generation)
+        elif self.readahead:
+            self._ahead_of_listing(listing)
         return list(listing.properties.values())
 
     def lookup(self, path: str) -> Node:
@@ -333,15 +453,128 @@ class QOMTree:
         return prop is not None and not prop.is_child
 
     def get(self, path: str) -> Any:
-        """The value of the property at ``path`` (cached for ``ttl``)."""
+        """The value of the property at ``path`` (cached for ``ttl``).
+
+        What QEMU refused (not readable, getter failed) is cached the same
+        way, so a read-ahead's answer serves the reader that follows.
+        """
         obj, name = split(path)
-        return self._values.get((obj, name), lambda: self._fetch_value(obj, name))
+        value = self._values.get((obj, name), lambda: self._fetch_value(obj, name))
+        if self.readahead and not self.batch:
+            self._ahead_of_read(path)
+        if isinstance(value, _Failed):
+            raise value.error()
+        return value
 
     def _fetch_value(self, obj: str, name: str) -> Any:
         try:
             return self.client.execute("qom-get", {"path": obj, "property": name})
         except ExecuteError as err:
-            raise self._get_error(obj, name, err) from err
+            error = self._get_error(obj, name, err)
+            assert isinstance(error, QOMError)
+            return _Failed(type(error), str(error), err)
+
+    # --- read-ahead -----------------------------------------------------------
+    #
+    # A walker reads one kind of entry after another in a directory: grep -r
+    # its plain properties, ls -lR its links, ls -R and find its child objects
+    # (by listing them).  WALK_RUN reads of entries of one kind in one
+    # directory, each right after the other in QEMU's order or sorted, each
+    # within the TTL of the one before, start a walk of that kind, which lasts
+    # until ``ttl`` after the last such read.  During a walk, each read of that kind fetches
+    # the next READAHEAD entries of its kind in the background; listing a
+    # directory, or a child object's listing fetched ahead, fetches its first
+    # READAHEAD_LISTED entries of each kind being walked.
+
+    def _walk_read(self, listing: Listing, name: str, kind: str) -> bool:
+        """Note a read of ``name`` (of ``kind``) in ``listing``'s object;
+        whether a walk of that kind is on."""
+        now = self._clock()
+        key = (listing.path, kind)
+        with self._ra_lock:
+            last = self._ra_seen.get(key)
+            run = 1
+            if last is not None and now - last[0] < self.ttl and listing.adjacent(last[1], name):
+                run = last[2] + 1
+            self._ra_seen[key] = (now, name, run)
+            if len(self._ra_seen) > 4096:
+                self._ra_seen = {k: v for k, v in self._ra_seen.items() if now - v[0] < self.ttl}
+            if run >= WALK_RUN:
+                self._ra_walks[kind] = now + self.ttl
+            return self._ra_walks.get(kind, 0.0) > now
+
+    def _walks(self) -> list[str]:
+        now = self._clock()
+        with self._ra_lock:
+            return [kind for kind, until in self._ra_walks.items() if until > now]
+
+    def _ahead_of_read(self, path: str) -> None:
+        """The property at ``path`` was read: fetch its next siblings' values."""
+        obj, name = split(path)
+        hit, listing = self._listings.peek(obj)
+        prop = listing.properties.get(name) if hit and listing is not None else None
+        if listing is not None and prop is not None:
+            kind = _group(prop)
+            if self._walk_read(listing, name, kind):
+                self._prefetch(obj, listing.following(name, READAHEAD), kind)
+
+    def _ahead_of_listing(self, listing: Listing) -> None:
+        """``listing`` was just read by ``readdir``: fetch what a walker
+        reads next (its next sibling objects' listings, its own entries)."""
+        path = listing.path
+        if path != "/":
+            parent, name = split(path)
+            hit, siblings = self._listings.peek(parent)
+            if hit and siblings is not None and self._walk_read(siblings, name, "child"):
+                self._prefetch(parent, siblings.following(name, READAHEAD), "child")
+        for kind in self._walks():
+            self._prefetch(path, listing.first(kind), kind)
+
+    def _prefetch(self, obj: str, names: tuple[str, ...], kind: str) -> None:
+        for name in names:
+            item = (obj, name)
+            if kind == "child":
+                fresh = self._listings.peek(join(obj, name))[0]
+            else:
+                fresh = self._values.peek(item)[0]
+            if fresh:
+                continue
+            with self._ra_lock:
+                if item in self._ra_busy or len(self._ra_busy) >= READAHEAD_QUEUE:
+                    continue
+                self._ra_busy.add(item)
+                if self._ra_pool is None:
+                    self._ra_pool = ThreadPoolExecutor(
+                        READAHEAD_WORKERS, thread_name_prefix="qomfs-readahead"
+                    )
+                pool = self._ra_pool
+            pool.submit(self._fetch_ahead, item, kind)
+
+    def _fetch_ahead(self, item: tuple[str, str], kind: str) -> None:
+        obj, name = item
+        path = join(obj, name)
+        try:
+            if kind == "child":
+                listing = self._listings.get(path, lambda: self._fetch_listing(path))
+                # The walker reads this object's values soon after: ask now,
+                # so QEMU need not wait for it between two directories.
+                for walked in self._walks():
+                    if walked != "child":
+                        self._prefetch(path, listing.first(walked), walked)
+            else:
+                self._values.get(item, lambda: self._fetch_value(obj, name))
+        except QomfsError as err:
+            log.debug("read-ahead of %s: %s", path, err)
+        finally:
+            with self._ra_lock:
+                self._ra_busy.discard(item)
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (they are idle between walks)."""
+        with self._ra_lock:
+            pool, self._ra_pool = self._ra_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def read_text(self, path: str) -> str:
         """The text a file at ``path`` shows (see :mod:`qomfs.values`)."""
