@@ -55,6 +55,9 @@ MAX_WRITE = 64 * 1024
 #: QEMU answers while the reader is busy with FUSE.  Only what such a reader
 #: is about to ask for, so the command count stays that of the walk.
 READAHEAD = 8
+#: The orders a walker may read a directory in: readdir's, and ls's.
+QEMU_ORDER = 1
+SORTED = 2
 #: Reads in a row, in order, that make a walk.
 WALK_RUN = 2
 #: A directory listed during a walk: its first properties of the walked kinds
@@ -142,35 +145,36 @@ class Listing:
         """The names of one kind ("child", "link", "plain"), in QEMU's order."""
         return self._groups.get(kind, ())
 
-    def adjacent(self, before: str, name: str) -> bool:
-        """Whether ``name`` comes right after ``before`` among the names of
-        its kind, in QEMU's order or sorted: what a walker reads next."""
+    def adjacent(self, before: str, name: str) -> int:
+        """The orders (:data:`QEMU_ORDER` | :data:`SORTED`) in which ``name``
+        comes right after ``before`` among the names of its kind; 0 if none."""
         hit = self._order.get(before)
         if hit is None:
-            return False
+            return 0
         names, i, ordered, j = hit
-        return names[i + 1 : i + 2] == (name,) or ordered[j + 1 : j + 2] == (name,)
+        return (QEMU_ORDER if names[i + 1 : i + 2] == (name,) else 0) | (
+            SORTED if ordered[j + 1 : j + 2] == (name,) else 0
+        )
 
-    def first(self, kind: str) -> tuple[str, ...]:
-        """What a walker reads first of one kind: up to READAHEAD_LISTED
-        properties, or the first READAHEAD objects in QEMU's order and sorted
-        (it may not go into them all, and each leads to more)."""
+    def first(self, kind: str, count: int, order: int) -> tuple[str, ...]:
+        """The first ``count`` names of one kind in each of ``order``."""
         names = self.names(kind)
-        if kind != "child":
-            return names[:READAHEAD_LISTED]
-        ahead = names[:READAHEAD]
-        return ahead + tuple(n for n in sorted(names)[:READAHEAD] if n not in ahead)
+        ahead = names[:count] if order & QEMU_ORDER else ()
+        if order & SORTED:
+            ahead += tuple(n for n in sorted(names)[:count] if n not in ahead)
+        return ahead
 
-    def following(self, name: str, count: int) -> tuple[str, ...]:
-        """The names that come next after ``name`` among those of its kind
-        (objects, links or plain properties): up to ``count`` in QEMU's
-        order (``find``, ``grep -r``) and ``count`` sorted (``ls``)."""
+    def following(self, name: str, count: int, order: int) -> tuple[str, ...]:
+        """The ``count`` names after ``name`` among those of its kind (objects,
+        links or plain properties) in each of ``order``."""
         hit = self._order.get(name)
         if hit is None:
             return ()
         names, i, ordered, j = hit
-        ahead = names[i + 1 : i + 1 + count]
-        return ahead + tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
+        ahead = names[i + 1 : i + 1 + count] if order & QEMU_ORDER else ()
+        if order & SORTED:
+            ahead += tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
+        return ahead
 
 
 def _group(prop: Property) -> str:
@@ -302,7 +306,7 @@ class QOMTree:
         # (dir, kind) -> (when, name) of the last read there, and how many
         # reads in a row came one right after the other
         self._ra_seen: dict[tuple[str, str], tuple[float, str, int]] = {}
-        self._ra_walks: dict[str, float] = {}  # kind -> until when a walk is on
+        self._ra_walks: dict[str, tuple[float, int]] = {}  # kind -> (until, order) of a walk
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
         self._ra_pool: ThreadPoolExecutor | None = None
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
@@ -363,9 +367,12 @@ class QOMTree:
             # A walker that reaches an object not yet listed gets the next
             # siblings' listings in the same command.
             parent, name = split(path)
-            hit, siblings = self._listings.peek(parent) if path != "/" else (False, None)
-            ahead = siblings.following(name, BATCH_CHUNK - 1) if hit and siblings else ()
+            siblings = self._listings.peek(parent)[1] if path != "/" else None
+            ahead = (
+                siblings.following(name, BATCH_CHUNK - 1, QEMU_ORDER | SORTED) if siblings else ()
+            )
             more = [join(parent, n) for n in ahead if not self._listings.peek(join(parent, n))[0]]
+            more = more[: BATCH_CHUNK - 1]
             started, generation = self._clock(), self._listings.generation
             listings = self._fetch_batch([path, *more]) if more else []
             if listings:
@@ -476,37 +483,45 @@ class QOMTree:
 
     # --- read-ahead -----------------------------------------------------------
     #
-    # A walker reads one kind of entry after another in a directory: grep -r
-    # its plain properties, ls -lR its links, ls -R and find its child objects
-    # (by listing them).  WALK_RUN reads of entries of one kind in one
-    # directory, each right after the other in QEMU's order or sorted, each
-    # within the TTL of the one before, start a walk of that kind, which lasts
-    # until ``ttl`` after the last such read.  During a walk, each read of that kind fetches
-    # the next READAHEAD entries of its kind in the background; listing a
-    # directory, or a child object's listing fetched ahead, fetches its first
-    # READAHEAD_LISTED entries of each kind being walked.
+    # A walker reads one kind of entry after another in a directory, in one
+    # order: grep -r its plain properties in QEMU's order (readdir's), ls -lR
+    # its links sorted, ls -R (sorted) and find (QEMU's order) its child
+    # objects, by listing them.  WALK_RUN reads of one kind in one directory,
+    # each right after the one before in one order and within the TTL, start a
+    # walk of that kind in that order, which lasts until ``ttl`` after the
+    # last such read.  During a walk:
+    # - a read fetches the next READAHEAD values of its kind;
+    # - a listed directory fetches its first READAHEAD_LISTED values of the
+    #   kinds walked, and the listing of its first child object;
+    # - listing a child object fetches the next READAHEAD sibling objects'
+    #   listings when it has no child objects of its own (the walker comes
+    #   right back), else only the next one (its subtree comes first, and a
+    #   listing fetched too early expires unused).
 
-    def _walk_read(self, listing: Listing, name: str, kind: str) -> bool:
+    def _walk_read(self, listing: Listing, name: str, kind: str) -> int:
         """Note a read of ``name`` (of ``kind``) in ``listing``'s object;
-        whether a walk of that kind is on."""
+        the order of the walk of that kind going on (0: none)."""
         now = self._clock()
         key = (listing.path, kind)
         with self._ra_lock:
             last = self._ra_seen.get(key)
-            run = 1
-            if last is not None and now - last[0] < self.ttl and listing.adjacent(last[1], name):
-                run = last[2] + 1
+            run, order = 1, 0
+            if last is not None and now - last[0] < self.ttl:
+                order = listing.adjacent(last[1], name)
+                run = last[2] + 1 if order else 1
             self._ra_seen[key] = (now, name, run)
             if len(self._ra_seen) > 4096:
                 self._ra_seen = {k: v for k, v in self._ra_seen.items() if now - v[0] < self.ttl}
             if run >= WALK_RUN:
-                self._ra_walks[kind] = now + self.ttl
-            return self._ra_walks.get(kind, 0.0) > now
+                self._ra_walks[kind] = (now + self.ttl, order)
+            until, walk_order = self._ra_walks.get(kind, (0.0, 0))
+            return walk_order if until > now else 0
 
-    def _walks(self) -> list[str]:
+    def _walks(self) -> list[tuple[str, int]]:
+        """The walks going on: (kind, order)."""
         now = self._clock()
         with self._ra_lock:
-            return [kind for kind, until in self._ra_walks.items() if until > now]
+            return [(kind, order) for kind, (until, order) in self._ra_walks.items() if until > now]
 
     def _ahead_of_read(self, path: str) -> None:
         """The property at ``path`` was read: fetch its next siblings' values."""
@@ -515,8 +530,9 @@ class QOMTree:
         prop = listing.properties.get(name) if hit and listing is not None else None
         if listing is not None and prop is not None:
             kind = _group(prop)
-            if self._walk_read(listing, name, kind):
-                self._prefetch(obj, listing.following(name, READAHEAD), kind)
+            order = self._walk_read(listing, name, kind)
+            if order:
+                self._prefetch(obj, listing.following(name, READAHEAD, order), kind)
 
     def _ahead_of_listing(self, listing: Listing) -> None:
         """``listing`` was just read by ``readdir``: fetch what a walker
@@ -525,10 +541,16 @@ class QOMTree:
         if path != "/":
             parent, name = split(path)
             hit, siblings = self._listings.peek(parent)
-            if hit and siblings is not None and self._walk_read(siblings, name, "child"):
-                self._prefetch(parent, siblings.following(name, READAHEAD), "child")
-        for kind in self._walks():
-            self._prefetch(path, listing.first(kind), kind)
+            order = self._walk_read(siblings, name, "child") if hit and siblings else 0
+            if siblings is not None and order:
+                count = 1 if listing.names("child") else READAHEAD
+                self._prefetch(parent, siblings.following(name, count, order), "child")
+        self._ahead_of_listed(listing, self._walks())
+
+    def _ahead_of_listed(self, listing: Listing, walks: list[tuple[str, int]]) -> None:
+        for kind, order in walks:
+            count = 1 if kind == "child" else READAHEAD_LISTED
+            self._prefetch(listing.path, listing.first(kind, count, order), kind)
 
     def _prefetch(self, obj: str, names: tuple[str, ...], kind: str) -> None:
         for name in names:
@@ -558,9 +580,8 @@ class QOMTree:
                 listing = self._listings.get(path, lambda: self._fetch_listing(path))
                 # The walker reads this object's values soon after: ask now,
                 # so QEMU need not wait for it between two directories.
-                for walked in self._walks():
-                    if walked != "child":
-                        self._prefetch(path, listing.first(walked), walked)
+                values = [(kind, order) for kind, order in self._walks() if kind != "child"]
+                self._ahead_of_listed(listing, values)
             else:
                 self._values.get(item, lambda: self._fetch_value(obj, name))
         except QomfsError as err:

@@ -149,33 +149,37 @@ class _Connection:
 #: QEMU's JSON parser gives up on a message nested deeper than 1024, of more
 #: than 2M tokens or with a token over 64 MiB, and then answers with errors
 #: that carry no id, possibly several.  Commands never come near: checked.
-MAX_NESTING = 1000
+MAX_NESTING = 100  # no QOM value comes near
 MAX_REQUEST = 1024 * 1024
 #: How the errors QEMU sends for unparsable input begin (its JSON parser and
 #: its check of the request's shape); none can answer a well-formed command.
 STRAY_ERRORS = ("JSON ", "QMP input", "Expected 'execute'")
 
 
-def _depth(value: Any, limit: int) -> int:
-    if isinstance(value, dict):
-        values: Any = value.values()
-    elif isinstance(value, list):
-        values = value
-    else:
-        return 0
-    if limit <= 0:
-        return 1
-    return 1 + max((_depth(v, limit - 1) for v in values), default=0)
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects ``limit`` levels or deeper."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth + 1 >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
-def _check_parsable(command: str, arguments: dict[str, Any] | None, data: bytes) -> None:
-    """Refuse what QEMU's parser would reject without saying for which command."""
+def _encode(command: str, arguments: dict[str, Any] | None, msg: dict[str, Any]) -> bytes:
+    """The request on the wire; refuses what QEMU's parser would reject
+    without saying for which command."""
+    if arguments and _too_deep(arguments, MAX_NESTING):
+        raise ExecuteError(command, arguments, "GenericError", "value nested too deeply")
+    data = json.dumps(msg).encode() + b"\n"
     if len(data) > MAX_REQUEST:
         raise ExecuteError(
             command, arguments or {}, "GenericError", f"request of {len(data)} bytes is too large"
         )
-    if arguments and _depth(arguments, MAX_NESTING) >= MAX_NESTING:
-        raise ExecuteError(command, arguments, "GenericError", "value nested too deeply")
+    return data
 
 
 def _is_stray_error(msg: dict[str, Any]) -> bool:
@@ -332,8 +336,7 @@ class QMPClient:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        data = json.dumps(msg).encode() + b"\n"
-        _check_parsable(command, arguments, data)
+        data = _encode(command, arguments, msg)
         deadline = time.monotonic() + timeout
         if not self._in_flight.acquire(timeout=timeout):
             raise CommandTimeout(command, timeout)

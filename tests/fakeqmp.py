@@ -87,6 +87,7 @@ class FakeQMP:
         self.drop_after: int | None = None
         self.connections = 0
         self._counts: collections.Counter[str] = collections.Counter()
+        self.requests: list[dict[str, Any]] = []  # every message received, as sent
         self._tmpdir = None if path or connect_to else tempfile.mkdtemp(prefix="fakeqmp-")
         self.path = connect_to or path or os.path.join(str(self._tmpdir), "qmp.sock")
         self._client_mode = connect_to is not None
@@ -213,6 +214,7 @@ class FakeQMP:
                 name = str(msg.get("execute"))
                 with self._lock:
                     self._counts[name] += 1
+                    self.requests.append(msg)
                 if self.drop_after is not None and seen > self.drop_after:
                     self.drop_after = None
                     with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -70,6 +71,19 @@ def test_xattrs_type_and_description(mnt: Mount, vm: VM) -> None:
         getfattr(mnt.path / "machine" / "graphics", "user.qom.description")
         == descriptions["graphics"]
     )
+
+
+def test_foreign_xattrs_are_not_supported(mnt: Mount) -> None:
+    """security.* and system.* say ENOTSUP (ls -l then stops asking), user.* works."""
+    for path in (mnt.path / "machine", mnt.path / "machine" / "graphics"):
+        for name in ("security.selinux", "system.posix_acl_access"):
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, name)
+            assert info.value.errno == errno.ENOTSUP, (path, name)
+        assert os.getxattr(path, "user.qom.type")
+    with pytest.raises(OSError) as info:
+        os.getxattr(mnt.path / "machine" / "graphics", "user.nope")
+    assert info.value.errno == errno.ENODATA
 
 
 @contextlib.contextmanager

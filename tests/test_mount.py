@@ -168,6 +168,36 @@ def test_ls_r_costs_one_command_per_object(
     assert spent.get("qom-get", 0) == 0, spent
 
 
+def spent_on(mnt: Mount, *cmd: str) -> dict[str, int]:
+    """The QMP commands ``cmd`` costs from a cold cache (read-ahead included)."""
+    import time
+
+    time.sleep(1.1)  # let the TTL run out
+    before = mnt.stats()["commands"]
+    run(*cmd, check=False)
+    time.sleep(0.3)  # read-ahead still under way counts for this walk
+    after = mnt.stats()["commands"]
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def test_walks_cost_what_their_reads_need(
+    mnt: Mount, tree: dict[str, list[dict[str, str]]]
+) -> None:
+    """Read-ahead fetches what the walker reads next, and nothing more: grep -r
+    needs one qom-get per plain property, ls -lR one per link (readlink)."""
+    plain = sum(not p["type"].startswith(("child<", "link<")) for ps in tree.values() for p in ps)
+    links = sum(p["type"].startswith("link<") for ps in tree.values() for p in ps)
+    objects = len(tree)
+    grep = spent_on(mnt, "grep", "-r", ".", str(mnt.path))
+    assert objects <= grep["qom-list"] <= objects + 3, grep
+    assert plain <= grep["qom-get"] <= plain + 3, grep
+    ls = spent_on(mnt, "ls", "-lR", str(mnt.path))
+    assert objects <= ls["qom-list"] <= objects + 3, ls
+    assert links <= ls["qom-get"] <= links + 3, ls
+    find = spent_on(mnt, "find", str(mnt.path), "-type", "f")
+    assert objects <= find["qom-list"] <= objects + 3 and "qom-get" not in find, find
+
+
 def test_parallel_greps_agree_and_share_commands(mnt: Mount) -> None:
     """8 parallel grep -r see exactly what one sees, for about one's QMP cost."""
     import concurrent.futures

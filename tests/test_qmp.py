@@ -147,7 +147,36 @@ def test_idless_error_does_not_kill_the_session(fake: FakeQMP) -> None:
 # --- replies, errors, timeouts ------------------------------------------------
 
 
-def test_replies_matched_by_id_under_concurrency() -> None:
+def test_commands_carry_no_id(fake: FakeQMP) -> None:
+    """Replies are matched in order: an id costs QEMU CPU on every command."""
+    with QMPClient(fake.path) as client:
+        assert get(client, "label") == LABEL
+        assert fake.requests and all("id" not in msg for msg in fake.requests)
+        assert [m["execute"] for m in fake.requests] == [
+            "qmp_capabilities",
+            "query-commands",
+            "qom-get",
+        ]
+
+
+def test_unparsable_requests_are_refused_before_sending(fake: FakeQMP) -> None:
+    """What QEMU's parser would reject with errors that answer no command."""
+    with QMPClient(fake.path) as client:
+        before = fake.command_counts()
+        deep: Any = 1
+        for _ in range(1100):
+            deep = [deep]
+        with pytest.raises(ExecuteError, match="nested too deeply"):
+            client.execute("qom-set", {"path": "/machine", "property": "label", "value": deep})
+        with pytest.raises(ExecuteError, match="too large"):
+            client.execute(
+                "qom-set", {"path": "/machine", "property": "label", "value": "x" * (2 << 20)}
+            )
+        assert fake.command_counts() == before
+        assert get(client, "label") == LABEL  # and the session goes on in step
+
+
+def test_replies_matched_in_order_under_concurrency() -> None:
     threads_n, per_thread = 16, 100
     props = [
         {"name": f"p{t}-{k}", "type": "int", "value": t * 1000 + k}

@@ -1,0 +1,172 @@
+"""Read-ahead: what a walker reads next is fetched in the background.
+
+Against the fake monitor, counted in QMP commands: a walk costs the commands
+it would cost without read-ahead (each fetched once, ahead or not), and reads
+that do not look like a walk fetch nothing ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from qomfs.errors import NotReadable, ReadFailed
+from qomfs.model import READAHEAD, QOMTree
+from qomfs.qmp import QMPClient
+from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
+from tests.test_cache import FakeClock
+from tests.test_model import WITH_BATCH, Env, Spent, env
+
+#: /machine's plain (not child, not link) properties, in QEMU's order.
+PLAIN = ["type", "smm", "dump-guest-core", "phandle-start", "smp", "secret", "crash-information"]
+N_CHILDREN = 100
+
+
+def settle(spent: Spent, quiet: float = 0.3, limit: float = 5.0) -> dict[str, int]:
+    """Commands sent until none has been sent for ``quiet`` seconds."""
+    total: dict[str, int] = {}
+    deadline = time.monotonic() + limit
+    last_change = time.monotonic()
+    while time.monotonic() - last_change < quiet and time.monotonic() < deadline:
+        time.sleep(0.02)
+        for k, v in spent().items():
+            total[k] = total.get(k, 0) + v
+            last_change = time.monotonic()
+    return total
+
+
+def wide_tree() -> Tree:
+    """/objects with N_CHILDREN objects m0..m99, two properties each."""
+    tree: Tree = {
+        "/": [
+            {"name": "type", "type": "string", "value": "container"},
+            {"name": "objects", "type": "child<container>"},
+        ],
+        "/objects": [{"name": "type", "type": "string", "value": "container"}],
+    }
+    for i in range(N_CHILDREN):
+        tree["/objects"].append({"name": f"m{i}", "type": "child<memory-backend-ram>"})
+        tree[f"/objects/m{i}"] = [
+            {"name": "type", "type": "string", "value": "memory-backend-ram"},
+            {"name": "size", "type": "size", "value": 1 << 20},
+        ]
+    return tree
+
+
+@pytest.fixture
+def e() -> Iterator[Env]:
+    with env() as it:
+        yield it
+        it.tree.close()
+
+
+@contextlib.contextmanager
+def wide(batch: bool) -> Iterator[tuple[QOMTree, Spent]]:
+    commands = WITH_BATCH if batch else BASE_COMMANDS
+    with FakeQMP(wide_tree(), commands=commands) as fake, QMPClient(fake.path, timeout=3) as c:
+        tree = QOMTree(c, ttl=30, clock=FakeClock())
+        yield tree, Spent(c)
+        tree.close()
+
+
+def test_reads_in_order_fetch_the_rest_ahead(e: Env) -> None:
+    e.tree.readdir("/machine")
+    e.spent()
+    assert e.tree.read_text("/machine/type") == "pc-q35-7.2-machine\n"
+    assert e.tree.read_text("/machine/smm") == "auto\n"
+    # Two reads in a row in QEMU's order: the rest of /machine's plain
+    # properties arrive without being asked for, each fetched once.
+    assert settle(e.spent) == {"qom-get": len(PLAIN)}
+    assert e.tree.read_text("/machine/smp") == '{"cpus": 1, "sockets": 1}\n'
+    with pytest.raises(NotReadable):  # QEMU's refusal, cached like a value
+        e.tree.get("/machine/secret")
+    with pytest.raises(ReadFailed, match="No crash"):
+        e.tree.get("/machine/crash-information")
+    assert e.tree.read_text("/machine/phandle-start") == "0\n"
+    assert e.spent() == {}
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        ["smm", "smm", "smm"],  # the same file again: cat in a loop
+        ["type", "phandle-start"],  # not one after the other
+        ["smm"],  # one cat
+    ],
+)
+def test_reads_that_are_no_walk_fetch_nothing_ahead(e: Env, reads: list[str]) -> None:
+    e.tree.readdir("/machine")
+    e.spent()
+    for name in reads:
+        e.tree.get(f"/machine/{name}")
+    assert settle(e.spent) == {"qom-get": len(set(reads))}
+
+
+def test_ttl_zero_reads_nothing_ahead() -> None:
+    with env(ttl=0) as e0:
+        e0.tree.readdir("/machine")
+        for name in PLAIN[:4]:
+            e0.tree.get(f"/machine/{name}")
+        assert settle(e0.spent) == {"qom-get": 4, "qom-list": 1}
+
+
+def test_refusals_are_cached_for_the_ttl(e: Env) -> None:
+    for _ in range(3):
+        with pytest.raises(NotReadable) as info:
+            e.tree.get("/machine/secret")
+        assert info.value.cause is not None and info.value.__cause__ is info.value.cause
+    assert e.spent() == {"qom-get": 1}
+    e.clock.advance(1.0)
+    with pytest.raises(NotReadable):
+        e.tree.get("/machine/secret")
+    assert e.spent() == {"qom-get": 1}
+
+
+def test_listing_walk_lists_the_next_objects_ahead() -> None:
+    with wide(batch=False) as (tree, spent):
+        tree.readdir("/")
+        tree.readdir("/objects")
+        tree.readdir("/objects/m0")
+        tree.readdir("/objects/m1")  # the next one: a walk
+        ahead = settle(spent)
+        assert ahead.get("qom-get", 0) == 0
+        # The next READAHEAD in QEMU's order, and as many sorted.
+        assert READAHEAD <= ahead["qom-list"] - 4 <= 2 * READAHEAD
+        assert all(listed(tree, f"/objects/m{i}") for i in range(2, 2 + READAHEAD))
+        # A whole walk still lists each object once.
+        for i in range(N_CHILDREN):
+            tree.readdir(f"/objects/m{i}")
+        rest = settle(spent)
+        assert ahead["qom-list"] + rest.get("qom-list", 0) == N_CHILDREN + 2
+        assert rest.get("qom-get", 0) == 0
+
+
+def test_listing_walk_in_sorted_order_is_read_ahead_too() -> None:
+    """ls sorts: m0, m1, m10, m11, ... is a walk as much as m0, m1, m2."""
+    with wide(batch=False) as (tree, spent):
+        tree.readdir("/objects")
+        for name in ["m0", "m1", "m10"]:
+            tree.readdir(f"/objects/{name}")
+        settle(spent)
+        assert all(listed(tree, f"/objects/{name}") for name in ["m11", "m12", "m13"])
+
+
+def test_batch_walk_lists_objects_in_chunks() -> None:
+    """With qom-list-get, a walker gets 64 objects' listings per command."""
+    with wide(batch=True) as (tree, spent):
+        tree.readdir("/objects")
+        first = spent()
+        assert first == {"qom-list-get": 2}, first  # /objects, then its first 64
+        for i in range(N_CHILDREN):
+            tree.readdir(f"/objects/m{i}")
+            assert tree.get(f"/objects/m{i}/size") == 1 << 20
+        assert settle(spent) == {"qom-list-get": 1}  # m64..m99 in one
+        assert tree.readdir("/objects/m99")[1].name == "size"
+
+
+def listed(tree: QOMTree, path: str) -> bool:
+    """Whether ``path``'s listing is in the cache (fetched ahead)."""
+    return tree._listings.peek(path)[0]
