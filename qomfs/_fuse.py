@@ -37,6 +37,9 @@ _binding = _load()
 FUSE_READDIR_PLUS = 1
 #: ...and an entry filled with this flag carries them, so no LOOKUP follows.
 FUSE_FILL_DIR_PLUS = 2
+#: libfuse3's default: READDIRPLUS only for a directory's first chunk (then
+#: the entries of a large directory each cost a LOOKUP).  Switched off.
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 
 
 _BaseFUSE: Any = _binding.FUSE
@@ -46,29 +49,52 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
     """The binding's FUSE, answering READDIRPLUS with every entry's attributes.
 
     mfusepy passes only an entry's type to libfuse; when the operations offer
-    ``readdir_plus(path) -> [(name, attrs)]``, this fills whole ``stat``s, and
-    the kernel then needs no LOOKUP per entry before ``stat`` or ``open``.
+    ``readdir_plus(path, offset) -> [(name, inode, attrs)]`` (the entries
+    from ``offset`` on), this fills whole ``stat``s, and the kernel then needs
+    no LOOKUP per entry before ``stat`` or ``open``.  ``attrs`` dicts are
+    meant to be shared: each becomes a ``struct stat`` once.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._templates: dict[int, tuple[dict[str, Any], bytes]] = {}
+        super().__init__(*args, **kwargs)  # runs the FUSE loop
+
+    def init_fuse_3(self, conn: Any, config: Any) -> None:
+        if conn and getattr(self.operations, "readdir_plus", None) is not None:
+            conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        super().init_fuse_3(conn, config)
 
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
         plus = getattr(self.operations, "readdir_plus", None)
-        if path is None or plus is None or not flags & FUSE_READDIR_PLUS:
+        if path is None or plus is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
+        # A plain READDIR too (the kernel asks for the end of a directory so):
+        # the same offsets, without the attributes.
+        plus_flag = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
         st = _binding.c_stat()
-        size = ctypes.sizeof(st)
+        entries = plus(path.decode(self.encoding, self.errors), offset)
         # Offsets, not 0: libfuse 3.14 drops the attributes of entries that
         # it buffers itself (offset 0).  The kernel resumes at an entry's offset.
-        entries = plus(path.decode(self.encoding, self.errors))
-        for index in range(offset, len(entries)):
-            name, attrs = entries[index]
-            ctypes.memset(ctypes.byref(st), 0, size)
-            _binding.set_st_attrs(st, attrs, use_ns=self.use_ns)
-            fill = 0 if name in (".", "..") else FUSE_FILL_DIR_PLUS
+        for index, (name, ino, attrs) in enumerate(entries, start=offset):
+            ctypes.memmove(ctypes.byref(st), self._template(attrs), ctypes.sizeof(st))
+            st.st_ino = ino
+            fill = 0 if name in (".", "..") else plus_flag
             if filler(buf, name.encode(self.encoding, self.errors), st, index + 1, fill) != 0:
                 break
         return 0
+
+    def _template(self, attrs: dict[str, Any]) -> bytes:
+        """A ``struct stat`` filled from ``attrs``, made once per dict."""
+        hit = self._templates.get(id(attrs))
+        if hit is None or hit[0] is not attrs:
+            st = _binding.c_stat()
+            _binding.set_st_attrs(st, attrs, use_ns=self.use_ns)
+            if len(self._templates) > 64:
+                self._templates.clear()
+            hit = self._templates[id(attrs)] = (attrs, bytes(st))
+        return hit[1]
 
 
 FUSE: Any = _FUSE if getattr(_binding, "fuse_version_major", 2) == 3 else _binding.FUSE

@@ -126,6 +126,7 @@ def _proc_status_kib(field: str) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def inode(path: str) -> int:
     """A stable inode number for ``path``: the same on every mount."""
     if path == "/":
@@ -183,26 +184,32 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     # --- attributes ---------------------------------------------------------
 
-    def _attrs(self, node: Node) -> dict[str, Any]:
-        if node.kind is Kind.OBJECT:
-            mode, nlink, size = stat.S_IFDIR | 0o755, 2, 0
-        elif node.kind is Kind.LINK:
-            mode, nlink, size = stat.S_IFLNK | 0o777, 1, 0
-        else:
-            mode, nlink, size = stat.S_IFREG | 0o644, 1, FILE_SIZE
+    @functools.cached_property
+    def _bases(self) -> dict[Kind, dict[str, Any]]:
+        """The attributes of each kind of entry, but its inode."""
         t = self.mounted_at  # nanoseconds: use_ns is honoured by mfusepy and fusepy 3
-        return {
-            "st_mode": mode,
-            "st_nlink": nlink,
-            "st_size": size,
-            "st_ino": inode(node.path),
-            "st_uid": self.uid,
-            "st_gid": self.gid,
-            "st_atime": t,
-            "st_mtime": t,
-            "st_ctime": t,
-            "st_blocks": 0,
+        shapes = {
+            Kind.OBJECT: (stat.S_IFDIR | 0o755, 2, 0),
+            Kind.LINK: (stat.S_IFLNK | 0o777, 1, 0),
+            Kind.PROPERTY: (stat.S_IFREG | 0o644, 1, FILE_SIZE),
         }
+        return {
+            kind: {
+                "st_mode": mode,
+                "st_nlink": nlink,
+                "st_size": size,
+                "st_uid": self.uid,
+                "st_gid": self.gid,
+                "st_atime": t,
+                "st_mtime": t,
+                "st_ctime": t,
+                "st_blocks": 0,
+            }
+            for kind, (mode, nlink, size) in shapes.items()
+        }
+
+    def _attrs(self, node: Node) -> dict[str, Any]:
+        return dict(self._bases[node.kind], st_ino=inode(node.path))
 
     @_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
@@ -225,19 +232,15 @@ class QOMFS(Operations):  # type: ignore[misc]
         return entries
 
     @_operation
-    def readdir_plus(self, path: str) -> list[tuple[str, dict[str, Any]]]:
-        """Entries with whole attributes, for READDIRPLUS (libfuse3)."""
-        here = self._attrs(Node(path, Kind.OBJECT, None))
-        entries = [(".", here), ("..", here)]
-        for prop in self.tree.readdir(path):
-            child = join(path, prop.name)
-            if prop.is_child:
-                kind = Kind.OBJECT
-            elif prop.is_link:
-                kind = Kind.LINK
-            else:
-                kind = Kind.PROPERTY
-            entries.append((prop.name, self._attrs(Node(child, kind, prop))))
+    def readdir_plus(self, path: str, offset: int) -> list[tuple[str, int, dict[str, Any]]]:
+        """For READDIRPLUS (libfuse3): from entry ``offset`` on, each entry's
+        name, inode and other attributes (one shared dict per kind of entry)."""
+        props = self.tree.readdir(path)
+        here = self._bases[Kind.OBJECT]
+        entries = [(dot, inode(path), here) for dot in (".", "..")][offset:]
+        for prop in props[max(0, offset - 2) :]:
+            kind = Kind.OBJECT if prop.is_child else Kind.LINK if prop.is_link else Kind.PROPERTY
+            entries.append((prop.name, inode(join(path, prop.name)), self._bases[kind]))
         return entries
 
     @_operation

@@ -507,8 +507,11 @@ class QOMTree:
             last = self._ra_seen.get(key)
             run, order = 1, 0
             if last is not None and now - last[0] < self.ttl:
-                order = listing.adjacent(last[1], name)
-                run = last[2] + 1 if order else 1
+                if last[1] == name:  # the same again (readdir's second call)
+                    run = last[2]
+                else:
+                    order = listing.adjacent(last[1], name)
+                    run = last[2] + 1 if order else 1
             self._ra_seen[key] = (now, name, run)
             if len(self._ra_seen) > 4096:
                 self._ra_seen = {k: v for k, v in self._ra_seen.items() if now - v[0] < self.ttl}
