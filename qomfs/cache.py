@@ -41,8 +41,10 @@ class TTLCache(Generic[K, V]):
         self._generation = 0
 
     def __len__(self) -> int:
+        """How many fresh values the cache holds."""
+        now = self.clock()
         with self._lock:
-            return len(self._data)
+            return sum(now < expiry for expiry, _ in self._data.values())
 
     def peek(self, key: K) -> tuple[bool, V | None]:
         """``(True, value)`` when a fresh value is cached, else ``(False, None)``."""
@@ -50,11 +52,16 @@ class TTLCache(Generic[K, V]):
             return False, None
         with self._lock:
             hit = self._data.get(key)
-            if hit is not None:
-                if self.clock() < hit[0]:
-                    return True, hit[1]
-                del self._data[key]
+            if hit is not None and self.clock() < hit[0]:
+                return True, hit[1]
         return False, None
+
+    def last(self, key: K) -> V | None:
+        """The value last stored for ``key``, fresh or expired (None if none,
+        or dropped by :meth:`invalidate`)."""
+        with self._lock:
+            hit = self._data.get(key)
+        return hit[1] if hit is not None else None
 
     @property
     def generation(self) -> int:

@@ -309,6 +309,8 @@ class QOMTree:
         self._ra_walks: dict[str, tuple[float, int]] = {}  # kind -> (until, order) of a walk
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
         self._ra_pool: ThreadPoolExecutor | None = None
+        # The path of the latest listing fetched, and when it was asked for.
+        self._latest: tuple[str, float] = ("", float("-inf"))
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
         self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
         self._descriptions: TTLCache[str, dict[str, str]] = TTLCache(float("inf"), clock)
@@ -362,6 +364,7 @@ class QOMTree:
         """
         return self._listings.get(path, lambda: self._fetch_listing(path))
 
+
     def _fetch_listing(self, path: str) -> Listing:
         if self.batch and self.ttl > 0:
             # A walker that reaches an object not yet listed gets the next
@@ -383,6 +386,7 @@ class QOMTree:
             if listings:
                 return listings[0]
             # QEMU refused the batch: let qom-list say precisely why.
+        started = self._clock()
         try:
             reply = self.client.execute("qom-list", {"path": path})
         except ExecuteError as err:
@@ -390,6 +394,7 @@ class QOMTree:
         if not isinstance(reply, list):
             raise ReadFailed(f"qom-list {path}: unexpected reply {reply!r}")
         props = [Property.from_wire(item) for item in reply]
+        self._latest = (path, started)
         return Listing(path, {p.name: p for p in props})
 
     def _fetch_batch(self, paths: list[str]) -> list[Listing]:
@@ -409,6 +414,7 @@ class QOMTree:
                 if not listing.properties[name].is_child:
                     self._values.put((listing.path, name), value, started, generation)
             out.append(listing)
+        self._latest = (paths[0], started)
         return out
 
     def readdir(self, path: str) -> list[Property]:
@@ -437,6 +443,13 @@ class QOMTree:
         if path == "/":
             return Node("/", Kind.OBJECT, None)
         parent, name = split(path)
+        if not self._listings.peek(parent)[0]:
+            # The kernel checks a walker's ancestors again every second; a
+            # listing just fetched below ``path`` says it is still there.
+            old = self._listings.last(parent)
+            prop = old.properties.get(name) if old is not None else None
+            if prop is not None and prop.is_child and self._seen_below(path):
+                return Node(path, Kind.OBJECT, prop)
         try:
             listing = self.listing(parent)
         except NotFound:
@@ -451,6 +464,14 @@ class QOMTree:
         if prop.is_child:
             return Node(path, Kind.OBJECT, prop)
         return Node(path, Kind.LINK if prop.is_link else Kind.PROPERTY, prop)
+
+    def _seen_below(self, path: str) -> bool:
+        """Whether the latest listing fetched, within the TTL, is of ``path``
+        or of an object below it (QEMU resolved ``path`` then)."""
+        latest, when = self._latest
+        return self._clock() - when < self.ttl and (
+            latest == path or latest.startswith(path.rstrip("/") + "/")
+        )
 
     def _is_leaf(self, obj: str, name: str) -> bool:
         try:

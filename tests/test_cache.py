@@ -104,6 +104,18 @@ def test_put_and_keys_are_independent() -> None:
     assert len(cache) == 1
 
 
+def test_last_keeps_an_expired_value_until_invalidated() -> None:
+    clock = FakeClock()
+    cache: TTLCache[str, str] = TTLCache(1.0, clock)
+    assert cache.last("k") is None
+    cache.put("k", "v")
+    clock.advance(5)
+    assert cache.peek("k") == (False, None)
+    assert cache.last("k") == "v"
+    cache.invalidate(lambda key: key == "k")
+    assert cache.last("k") is None
+
+
 def test_ttl_zero_never_caches() -> None:
     cache: TTLCache[str, str] = TTLCache(0, FakeClock())
     fetch = Fetcher()

@@ -287,6 +287,30 @@ def test_cache_expires_after_ttl(e: Env) -> None:
     assert e.spent() == {"qom-get": 1}
 
 
+def test_ancestor_checked_again_after_the_ttl(e: Env) -> None:
+    """The kernel looks a walker's ancestors up again every second: a listing
+    just fetched below an ancestor answers for it; nothing else does."""
+    e.tree.readdir("/")
+    e.tree.readdir("/machine")
+    e.tree.readdir("/machine/peripheral")
+    e.clock.advance(1.5)  # everything expired
+    e.spent()
+    e.tree.readdir(NIC0)  # the walker goes on below /machine/peripheral
+    assert e.spent() == {"qom-list": 1}
+    assert e.tree.lookup("/machine/peripheral").kind is Kind.OBJECT
+    assert e.tree.lookup("/machine").kind is Kind.OBJECT
+    assert e.spent() == {}
+    # Not an ancestor of what was just listed: the parent is asked again.
+    assert e.tree.lookup("/machine/q35").kind is Kind.OBJECT
+    assert e.spent() == {"qom-list": 1}
+    # Nor a property, even of an ancestor.
+    e.clock.advance(1.5)
+    e.tree.readdir(NIC1)
+    e.spent()
+    assert e.tree.lookup("/machine/smm").kind is Kind.PROPERTY
+    assert e.spent() == {"qom-list": 1}
+
+
 def test_concurrent_reads_share_one_command(e: Env) -> None:
     e.fake.delay["qom-get"] = 0.1
     texts: list[str] = []
