@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -125,6 +125,37 @@ class TTLCache(Generic[K, V]):
         finally:
             with self._lock:
                 self._flights.pop(key, None)
+            flight.done.set()
+
+    def claim(self, keys: Iterable[K]) -> tuple[list[K], int]:
+        """Start one fetch for several keys (one command for many values).
+
+        The keys neither fresh nor being fetched are marked as being fetched,
+        so that :meth:`get` of one waits, and returned with the generation to
+        pass to :meth:`finish`, which must follow for each of them.
+        """
+        if self.ttl <= 0:
+            return [], 0
+        with self._lock:
+            now = self.clock()
+            claimed = []
+            for key in keys:
+                hit = self._data.get(key)
+                if (hit is not None and now < hit[0]) or key in self._flights:
+                    continue
+                self._flights[key] = _Flight()
+                claimed.append(key)
+            return claimed, self._generation
+
+    def finish(self, key: K, value: V | None, fetched_at: float, generation: int) -> None:
+        """End the fetch of a claimed key.  ``None``: it brought no value, and
+        whoever waits for it fetches it alone."""
+        with self._lock:
+            flight = self._flights.pop(key, None)
+            if value is not None and generation == self._generation:
+                self._data[key] = (fetched_at + self.ttl, value)
+        if flight is not None:
+            flight.value = value
             flight.done.set()
 
     def invalidate(self, predicate: Callable[[K], bool] | None = None) -> None:

@@ -309,6 +309,8 @@ class QOMTree:
         self._ra_walks: dict[str, tuple[float, int]] = {}  # kind -> (until, order) of a walk
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
         self._ra_pool: ThreadPoolExecutor | None = None
+        self._ra_pending = 0  # read-ahead tasks queued or running
+        self._ra_idle = threading.Condition(self._ra_lock)
         # The path of the latest listing fetched, and when it was asked for.
         self._latest: tuple[str, float] = ("", float("-inf"))
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
@@ -363,7 +365,6 @@ class QOMTree:
         Raises :class:`NotFound` when there is no such object.
         """
         return self._listings.get(path, lambda: self._fetch_listing(path))
-
 
     def _fetch_listing(self, path: str) -> Listing:
         if self.batch and self.ttl > 0:
@@ -426,14 +427,14 @@ class QOMTree:
         listing = self.listing(path)
         if self.batch and self.ttl > 0:
             missing = [
-                join(path, p.name)
-                for p in listing.properties.values()
-                if p.is_child and not self._listings.peek(join(path, p.name))[0]
+                join(path, name)
+                for name in listing.names("child")
+                if not self._listings.peek(join(path, name))[0]
             ][:BATCH_CHUNK]
             if missing:
-                started, generation = self._clock(), self._listings.generation
-                for child in self._fetch_batch(missing):
-                    self._listings.put(child.path, child, started, generation)
+                # In the background: the walker works through this directory
+                # meanwhile, and waits only for a child it reaches first.
+                self._submit(self._fetch_batch_ahead, missing)
         elif self.readahead:
             self._ahead_of_listing(listing)
         return list(listing.properties.values())
@@ -589,12 +590,45 @@ class QOMTree:
                 if item in self._ra_busy or len(self._ra_busy) >= READAHEAD_QUEUE:
                     continue
                 self._ra_busy.add(item)
-                if self._ra_pool is None:
-                    self._ra_pool = ThreadPoolExecutor(
-                        READAHEAD_WORKERS, thread_name_prefix="qomfs-readahead"
-                    )
-                pool = self._ra_pool
-            pool.submit(self._fetch_ahead, item, kind)
+            self._submit(self._fetch_ahead, item, kind)
+
+    def _fetch_batch_ahead(self, paths: list[str]) -> None:
+        """The listings (and values) of ``paths``, in one ``qom-list-get``."""
+        claimed, generation = self._listings.claim(paths)
+        got: dict[str, Listing] = {}
+        started = self._clock()
+        try:
+            if claimed:
+                got = {listing.path: listing for listing in self._fetch_batch(claimed)}
+        except QomfsError as err:
+            log.debug("read-ahead of %d listings: %s", len(claimed), err)
+        finally:
+            for path in claimed:
+                self._listings.finish(path, got.get(path), started, generation)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._ra_lock:
+            if self._ra_pool is None:
+                self._ra_pool = ThreadPoolExecutor(
+                    READAHEAD_WORKERS, thread_name_prefix="qomfs-readahead"
+                )
+            pool = self._ra_pool
+            self._ra_pending += 1
+        pool.submit(self._run_ahead, fn, *args)
+
+    def _run_ahead(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._ra_lock:
+                self._ra_pending -= 1
+                if not self._ra_pending:
+                    self._ra_idle.notify_all()
+
+    def quiesce(self, timeout: float = 10.0) -> bool:
+        """Wait until no read-ahead is queued or under way; whether it ended."""
+        with self._ra_lock:
+            return self._ra_idle.wait_for(lambda: not self._ra_pending, timeout)
 
     def _fetch_ahead(self, item: tuple[str, str], kind: str) -> None:
         obj, name = item

@@ -343,6 +343,7 @@ def walk_children(e: Env, directory: str) -> None:
 def test_batch_readdir_prefetches_children(eb: Env) -> None:
     assert eb.tree.batch
     eb.tree.readdir(PERIPHERAL)
+    assert eb.tree.quiesce()
     assert eb.spent() == {"qom-list-get": 2}  # the directory, then both children
     walk_children(eb, PERIPHERAL)
     assert eb.spent() == {}
@@ -487,9 +488,11 @@ def test_device_deleted_during_prefetch(eb: Env, monkeypatch: pytest.MonkeyPatch
         assert deleted.wait(3)
 
     eb.tree.readdir("/machine")  # caches /machine; its prefetch lists q35 + peripheral
+    assert eb.tree.quiesce()
     eb.spent()
     run_during_batch(eb, monkeypatch, delete)
     eb.tree.readdir(PERIPHERAL)  # cached; prefetches nic0 + nic1, nic0 then deleted
+    assert eb.tree.quiesce()
     assert eb.spent() == {"qom-list-get": 1}
     with pytest.raises(NotFound):
         eb.tree.lookup(f"{NIC0}/mac")

@@ -8,7 +8,6 @@ that do not look like a walk fetch nothing ahead.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,17 +24,10 @@ PLAIN = ["type", "smm", "dump-guest-core", "phandle-start", "smp", "secret", "cr
 N_CHILDREN = 100
 
 
-def settle(spent: Spent, quiet: float = 0.3, limit: float = 5.0) -> dict[str, int]:
-    """Commands sent until none has been sent for ``quiet`` seconds."""
-    total: dict[str, int] = {}
-    deadline = time.monotonic() + limit
-    last_change = time.monotonic()
-    while time.monotonic() - last_change < quiet and time.monotonic() < deadline:
-        time.sleep(0.02)
-        for k, v in spent().items():
-            total[k] = total.get(k, 0) + v
-            last_change = time.monotonic()
-    return total
+def settle(tree: QOMTree, spent: Spent) -> dict[str, int]:
+    """Commands sent until the read-ahead has nothing left to do."""
+    assert tree.quiesce()
+    return spent()
 
 
 def wide_tree() -> Tree:
@@ -79,7 +71,7 @@ def test_reads_in_order_fetch_the_rest_ahead(e: Env) -> None:
     assert e.tree.read_text("/machine/smm") == "auto\n"
     # Two reads in a row in QEMU's order: the rest of /machine's plain
     # properties arrive without being asked for, each fetched once.
-    assert settle(e.spent) == {"qom-get": len(PLAIN)}
+    assert settle(e.tree, e.spent) == {"qom-get": len(PLAIN)}
     assert e.tree.read_text("/machine/smp") == '{"cpus": 1, "sockets": 1}\n'
     with pytest.raises(NotReadable):  # QEMU's refusal, cached like a value
         e.tree.get("/machine/secret")
@@ -102,7 +94,7 @@ def test_reads_that_are_no_walk_fetch_nothing_ahead(e: Env, reads: list[str]) ->
     e.spent()
     for name in reads:
         e.tree.get(f"/machine/{name}")
-    assert settle(e.spent) == {"qom-get": len(set(reads))}
+    assert settle(e.tree, e.spent) == {"qom-get": len(set(reads))}
 
 
 def test_ttl_zero_reads_nothing_ahead() -> None:
@@ -110,7 +102,7 @@ def test_ttl_zero_reads_nothing_ahead() -> None:
         e0.tree.readdir("/machine")
         for name in PLAIN[:4]:
             e0.tree.get(f"/machine/{name}")
-        assert settle(e0.spent) == {"qom-get": 4, "qom-list": 1}
+        assert settle(e0.tree, e0.spent) == {"qom-get": 4, "qom-list": 1}
 
 
 def test_refusals_are_cached_for_the_ttl(e: Env) -> None:
@@ -131,7 +123,7 @@ def test_listing_walk_lists_the_next_objects_ahead() -> None:
         tree.readdir("/objects")
         tree.readdir("/objects/m0")
         tree.readdir("/objects/m1")  # the next one: a walk
-        ahead = settle(spent)
+        ahead = settle(tree, spent)
         assert ahead.get("qom-get", 0) == 0
         # The next READAHEAD in QEMU's order, and as many sorted.
         assert READAHEAD <= ahead["qom-list"] - 4 <= 2 * READAHEAD
@@ -139,7 +131,7 @@ def test_listing_walk_lists_the_next_objects_ahead() -> None:
         # A whole walk still lists each object once.
         for i in range(N_CHILDREN):
             tree.readdir(f"/objects/m{i}")
-        rest = settle(spent)
+        rest = settle(tree, spent)
         assert ahead["qom-list"] + rest.get("qom-list", 0) == N_CHILDREN + 2
         assert rest.get("qom-get", 0) == 0
 
@@ -150,7 +142,7 @@ def test_listing_walk_in_sorted_order_is_read_ahead_too() -> None:
         tree.readdir("/objects")
         for name in ["m0", "m1", "m10"]:
             tree.readdir(f"/objects/{name}")
-        settle(spent)
+        settle(tree, spent)
         assert all(listed(tree, f"/objects/{name}") for name in ["m11", "m12", "m13"])
 
 
@@ -158,12 +150,12 @@ def test_batch_walk_lists_objects_in_chunks() -> None:
     """With qom-list-get, a walker gets 64 objects' listings per command."""
     with wide(batch=True) as (tree, spent):
         tree.readdir("/objects")
-        first = spent()
+        first = settle(tree, spent)
         assert first == {"qom-list-get": 2}, first  # /objects, then its first 64
         for i in range(N_CHILDREN):
             tree.readdir(f"/objects/m{i}")
             assert tree.get(f"/objects/m{i}/size") == 1 << 20
-        assert settle(spent) == {"qom-list-get": 1}  # m64..m99 in one
+        assert settle(tree, spent) == {"qom-list-get": 1}  # m64..m99 in one
         assert tree.readdir("/objects/m99")[1].name == "size"
 
 
