@@ -2,9 +2,11 @@
 
 One :class:`QMPClient` owns one socket to one QEMU monitor and is shared by any
 number of threads.  A reader thread parses the byte stream with an incremental
-JSON decoder (so ``pretty=on`` monitors work), matches replies to commands by
-``id``, hands events to subscribers and logs id-less errors without giving up
-the session.  Every command has a timeout.
+JSON decoder (so ``pretty=on`` monitors work), matches replies to commands in
+the order they were sent (QEMU answers in-band commands one at a time, in
+order; commands carry no ``id``, which costs QEMU CPU on every command), hands
+events to subscribers and logs the errors QEMU sends for input it could not
+parse without giving up the session.  Every command has a timeout.
 
 Life cycle (:class:`State`): ``IDLE`` -> ``READY`` after :meth:`QMPClient.connect`;
 ``READY`` -> ``LOST`` when the peer goes away; ``LOST`` -> ``READY`` again when a
