@@ -154,11 +154,11 @@ class Forest:
             return Node(path, Kind.OBJECT, Property(name, f"child<{VM_TYPE}>"))
         return self._in(name, self._tree(name).lookup(rest))
 
-    def readdir(self, path: str) -> list[Property]:
+    def readdir(self, path: str, ahead: bool = True) -> list[Property]:
         if path == "/":
             return [Property(n, f"child<{VM_TYPE}>") for n in self.names()]
         name, rest = self._route(path)
-        return self._tree(name).readdir(rest)
+        return self._tree(name).readdir(rest, ahead)
 
     def read_text(self, path: str) -> str:
         name, rest = self._route(path)

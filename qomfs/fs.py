@@ -235,7 +235,7 @@ class QOMFS(Operations):  # type: ignore[misc]
     def readdir_plus(self, path: str, offset: int) -> list[tuple[str, int, dict[str, Any]]]:
         """For READDIRPLUS (libfuse3): from entry ``offset`` on, each entry's
         name, inode and other attributes (one shared dict per kind of entry)."""
-        props = self.tree.readdir(path)
+        props = self.tree.readdir(path, ahead=offset == 0)
         here = self._bases[Kind.OBJECT]
         entries = [(dot, inode(path), here) for dot in (".", "..")][offset:]
         for prop in props[max(0, offset - 2) :]:
