@@ -26,6 +26,8 @@ from typing import Any, NamedTuple, Protocol
 
 from qomfs.cache import TTLCache
 from qomfs.errors import (
+    CommandTimeout,
+    ConnectionLost,
     ExecuteError,
     Guarded,
     InvalidValue,
@@ -317,6 +319,7 @@ class QOMTree:
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
         self._ra_pool: ThreadPoolExecutor | None = None
         self._ra_pending = 0  # read-ahead tasks queued or running
+        self._ra_stalled_until = float("-inf")  # no read-ahead before then
         self._ra_idle = threading.Condition(self._ra_lock)
         # The path of the latest listing fetched, and when it was asked for.
         self._latest: tuple[str, float] = ("", float("-inf"))
@@ -590,6 +593,8 @@ class QOMTree:
             self._prefetch(listing.path, listing.first(kind, count, order), kind)
 
     def _prefetch(self, obj: str, names: tuple[str, ...], kind: str) -> None:
+        if self._stalled():
+            return
         for name in names:
             item = (obj, name)
             if kind == "child":
@@ -606,6 +611,8 @@ class QOMTree:
 
     def _fetch_batch_ahead(self, paths: list[str]) -> None:
         """The listings (and values) of ``paths``, in one ``qom-list-get``."""
+        if self._stalled():
+            return
         claimed, generation = self._listings.claim(paths)
         got: dict[str, Listing] = {}
         started = self._clock()
@@ -613,10 +620,21 @@ class QOMTree:
             if claimed:
                 got = {listing.path: listing for listing in self._fetch_batch(claimed)}
         except QomfsError as err:
-            log.debug("read-ahead of %d listings: %s", len(claimed), err)
+            self._ahead_failed(f"{len(claimed)} listings", err)
         finally:
             for path in claimed:
                 self._listings.finish(path, got.get(path), started, generation)
+
+    def _ahead_failed(self, what: str, err: QomfsError) -> None:
+        log.debug("read-ahead of %s: %s", what, err)
+        if isinstance(err, CommandTimeout | ConnectionLost):
+            # QEMU is stopped or gone: the queued read-ahead would only wait
+            # for timeouts one after the other.  Drop it for a while.
+            with self._ra_lock:
+                self._ra_stalled_until = self._clock() + self.client.timeout
+
+    def _stalled(self) -> bool:
+        return self._clock() < self._ra_stalled_until
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         with self._ra_lock:
@@ -646,6 +664,8 @@ class QOMTree:
         obj, name = item
         path = join(obj, name)
         try:
+            if self._stalled():
+                return
             if kind == "child":
                 listing = self._listings.get(path, lambda: self._fetch_listing(path))
                 # The walker reads this object's values soon after: ask now,
@@ -655,7 +675,7 @@ class QOMTree:
             else:
                 self._values.get(item, lambda: self._fetch_value(obj, name))
         except QomfsError as err:
-            log.debug("read-ahead of %s: %s", path, err)
+            self._ahead_failed(path, err)
         finally:
             with self._ra_lock:
                 self._ra_busy.discard(item)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from qomfs.errors import NotReadable, ReadFailed
-from qomfs.model import READAHEAD, QOMTree
+from qomfs.errors import CommandTimeout, NotReadable, ReadFailed
+from qomfs.model import READAHEAD, READAHEAD_WORKERS, QOMTree
 from qomfs.qmp import QMPClient
 from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
 from tests.test_cache import FakeClock
@@ -162,3 +162,27 @@ def test_batch_walk_lists_objects_in_chunks() -> None:
 def listed(tree: QOMTree, path: str) -> bool:
     """Whether ``path``'s listing is in the cache (fetched ahead)."""
     return tree._listings.peek(path)[0]
+
+
+def test_read_ahead_stops_while_qemu_does_not_answer() -> None:
+    """A stopped QEMU: the queued read-ahead is dropped after the first
+    timeouts instead of timing out one command after another."""
+    with (
+        FakeQMP(wide_tree()) as fake,
+        QMPClient(fake.path, timeout=0.3) as client,
+    ):
+        tree = QOMTree(client, ttl=30, clock=FakeClock())
+        tree.readdir("/objects")
+        tree.listing("/objects/m0")  # cached, no read-ahead
+        tree.listing("/objects/m1")
+        fake.delay["qom-list"] = 2.0  # QEMU stops answering
+        sent = client.command_counts()["qom-list"]
+        tree.readdir("/objects/m0")
+        tree.readdir("/objects/m1")  # a walk: 16 listings to fetch ahead
+        assert tree.quiesce(10)
+        stalled = client.command_counts()["qom-list"] - sent
+        # One command per read-ahead thread times out; the rest is dropped.
+        assert stalled <= READAHEAD_WORKERS + 1, stalled
+        with pytest.raises(CommandTimeout):  # the walker itself sees it
+            tree.readdir("/objects/m2")
+        tree.close()
