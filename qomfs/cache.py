@@ -2,8 +2,9 @@
 
 When several threads ask for the same missing key at once, one fetches and the
 others wait for its answer (or its exception): eight parallel ``grep -r`` cost
-the QMP commands of one.  With ``ttl <= 0`` nothing is kept or shared: every
-call fetches.
+the QMP commands of one.  One fetch may also bring several keys at once
+(:meth:`TTLCache.claim` and :meth:`TTLCache.finish`).  With ``ttl <= 0``
+nothing is kept or shared: every call fetches.
 """
 
 from __future__ import annotations

@@ -5,10 +5,15 @@
 commands as it can, and turns QEMU's error replies into the exceptions of
 :mod:`qomfs.errors`.  It knows nothing of FUSE.
 
-Staleness: an object's property list and any property value may be served
-from the cache for up to ``ttl`` seconds after QEMU was asked.  A write drops
-what it may have changed; a ``DEVICE_DELETED`` event drops the device's
+Staleness: an object's property list and any property value (or QEMU's
+refusal to give it) may be served from the cache for up to ``ttl`` seconds
+after QEMU was asked, whether a reader asked or the read-ahead did.  A write
+drops what it may have changed; a ``DEVICE_DELETED`` event drops the device's
 subtree at once; a reconnection drops everything.
+
+Read-ahead (see the section of :class:`QOMTree` so named) fetches in
+background threads what a walker such as ``grep -r`` or ``ls -R`` reads next,
+so that QEMU answers while the walker is busy with FUSE.
 """
 
 from __future__ import annotations
