@@ -43,6 +43,7 @@ OWN_OPTIONS = {
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "no_batch": "no_batch",
+    "no_readahead": "no_readahead",
     "allow_unrealize": "allow_unrealize",
     "listen": "listen",
 }
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="mount options: ro, allow_other, noauto_unmount, ..., and ours: ttl=S, "
-        "timeout=S, no_batch, allow_unrealize",
+        "timeout=S, no_batch, no_readahead, allow_unrealize",
     )
     p.add_argument(
         "--ttl",
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
+    )
+    p.add_argument(
+        "--no-readahead",
+        action="store_true",
+        help="never fetch ahead of a reader that walks the tree (grep -r, ls -R)",
     )
     p.add_argument(
         "--allow-unrealize",
@@ -213,6 +219,7 @@ def _serve(
             client,
             ttl=args.ttl,
             batch=False if args.no_batch else None,
+            readahead=not args.no_readahead,
             allow_unrealize=args.allow_unrealize,
         )
 

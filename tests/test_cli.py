@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -176,6 +177,20 @@ def test_ttl_zero_always_asks(workdir: Path) -> None:
         for _ in range(5):
             path.read_text()
         assert m.stats()["commands"]["qom-get"] - before == 5
+
+
+@pytest.mark.parametrize("how", [("--no-readahead",), ("-o", "no_readahead")])
+def test_no_readahead(workdir: Path, how: tuple[str, ...]) -> None:
+    """Reads in a row cost one command each, and nothing more is fetched."""
+    with qemu_vm(workdir) as own, mounted(own.socket, workdir / "mnt", *how) as m:
+        d = m.path / "machine"
+        names = [p.name for p in sorted(d.iterdir()) if p.is_file() and not p.is_symlink()]
+        before = m.stats()["commands"].get("qom-get", 0)
+        for name in names[:4]:  # neighbours, sorted: a walk, were read-ahead on
+            with contextlib.suppress(OSError):
+                (d / name).read_bytes()
+        time.sleep(0.3)
+        assert m.stats()["commands"]["qom-get"] - before == 4
 
 
 def test_tcp_and_pretty_monitors(workdir: Path) -> None:
