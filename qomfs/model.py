@@ -45,7 +45,7 @@ from qomfs.errors import (
     ReadFailed,
     ValueTooLarge,
 )
-from qomfs.qmp import Event, QMPClient
+from qomfs.qmp import MAX_BATCH, Event, QMPClient
 from qomfs.values import decode_text, format_value, parse_value
 
 log = logging.getLogger("qomfs.model")
@@ -407,10 +407,15 @@ class QOMTree:
             reply = self.client.execute("qom-list", {"path": path})
         except ExecuteError as err:
             raise self._list_error(path, err) from err
+        listing = self._listing_from(path, reply)
+        self._latest = (path, started)
+        return listing
+
+    @staticmethod
+    def _listing_from(path: str, reply: Any) -> Listing:
         if not isinstance(reply, list):
             raise ReadFailed(f"qom-list {path}: unexpected reply {reply!r}")
         props = [Property.from_wire(item) for item in reply]
-        self._latest = (path, started)
         return Listing(path, {p.name: p for p in props})
 
     def _fetch_batch(self, paths: list[str]) -> list[Listing]:
@@ -519,9 +524,12 @@ class QOMTree:
         try:
             return self.client.execute("qom-get", {"path": obj, "property": name})
         except ExecuteError as err:
-            error = self._get_error(obj, name, err)
-            assert isinstance(error, QOMError)
-            return _Failed(type(error), str(error), err)
+            return self._failed(obj, name, err)
+
+    def _failed(self, obj: str, name: str, err: ExecuteError) -> _Failed:
+        error = self._get_error(obj, name, err)
+        assert isinstance(error, QOMError)
+        return _Failed(type(error), str(error), err)
 
     # --- read-ahead -----------------------------------------------------------
     #
@@ -600,6 +608,7 @@ class QOMTree:
     def _prefetch(self, obj: str, names: tuple[str, ...], kind: str) -> None:
         if self._stalled():
             return
+        todo: list[str] = []
         for name in names:
             item = (obj, name)
             if kind == "child":
@@ -612,7 +621,9 @@ class QOMTree:
                 if item in self._ra_busy or len(self._ra_busy) >= READAHEAD_QUEUE:
                     continue
                 self._ra_busy.add(item)
-            self._submit(self._fetch_ahead, item, kind)
+            todo.append(name)
+        for i in range(0, len(todo), MAX_BATCH):
+            self._submit(self._fetch_ahead, obj, tuple(todo[i : i + MAX_BATCH]), kind)
 
     def _fetch_batch_ahead(self, paths: list[str]) -> None:
         """The listings (and values) of ``paths``, in one ``qom-list-get``."""
@@ -665,25 +676,48 @@ class QOMTree:
         with self._ra_lock:
             return self._ra_idle.wait_for(lambda: not self._ra_pending, timeout)
 
-    def _fetch_ahead(self, item: tuple[str, str], kind: str) -> None:
-        obj, name = item
-        path = join(obj, name)
+    def _fetch_ahead(self, obj: str, names: tuple[str, ...], kind: str) -> None:
+        """The listings (``kind`` "child") or values of ``obj``'s ``names``,
+        sent to QEMU in one write."""
+        child = kind == "child"
+        cache: TTLCache[Any, Any] = self._listings if child else self._values
+        keys: list[Any] = [join(obj, n) for n in names] if child else [(obj, n) for n in names]
+        claimed, generation = ([], 0) if self._stalled() else cache.claim(keys)
+        got: dict[Any, Any] = {}
+        started, done = self._clock(), 0
         try:
-            if self._stalled():
-                return
-            if kind == "child":
-                listing = self._listings.get(path, lambda: self._fetch_listing(path))
-                # The walker reads this object's values soon after: ask now,
-                # so QEMU need not wait for it between two directories.
-                values = [(kind, order) for kind, order in self._walks() if kind != "child"]
-                self._ahead_of_listed(listing, values)
-            else:
-                self._values.get(item, lambda: self._fetch_value(obj, name))
+            if claimed:
+                calls: list[tuple[str, dict[str, Any] | None]] = [
+                    ("qom-list", {"path": key})
+                    if child
+                    else ("qom-get", {"path": key[0], "property": key[1]})
+                    for key in claimed
+                ]
+                for key, result in zip(claimed, self.client.execute_many(calls), strict=True):
+                    if not child:
+                        failed = isinstance(result, ExecuteError)
+                        got[key] = self._failed(key[0], key[1], result) if failed else result
+                    elif not isinstance(result, ExecuteError):
+                        # (A refused listing is asked again by the walker,
+                        # which then learns why.)
+                        got[key] = self._listing_from(key, result)
+                    # Whoever waits for this one need not wait for the rest.
+                    cache.finish(key, got.get(key), started, generation)
+                    done += 1
         except QomfsError as err:
-            self._ahead_failed(path, err)
+            self._ahead_failed(f"{len(claimed)} entries of {obj}", err)
         finally:
+            for key in claimed[done:]:  # what did not come: the walker asks
+                cache.finish(key, None, started, generation)
             with self._ra_lock:
-                self._ra_busy.discard(item)
+                self._ra_busy.difference_update((obj, n) for n in names)
+        if child and got:
+            self._latest = (next(reversed(got)), started)
+            # The walker reads these objects' values soon after: ask now,
+            # so QEMU need not wait for it between two directories.
+            values = [(kind, order) for kind, order in self._walks() if kind != "child"]
+            for listing in got.values():
+                self._ahead_of_listed(listing, values)
 
     def close(self) -> None:
         """Stop the read-ahead threads (they are idle between walks)."""

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ log = logging.getLogger("qomfs.qmp")
 
 #: The QMP spec allows at most this many in-band commands in flight.
 MAX_IN_FLIGHT = 8
+#: Commands :meth:`QMPClient.execute_many` sends at once (half the limit).
+MAX_BATCH = MAX_IN_FLIGHT // 2
 #: A message larger than this is not QMP (QEMU's own limit is far lower).
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -171,9 +173,12 @@ def _too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _encode(command: str, arguments: dict[str, Any] | None, msg: dict[str, Any]) -> bytes:
+def _encode(command: str, arguments: dict[str, Any] | None) -> bytes:
     """The request on the wire; refuses what QEMU's parser would reject
     without saying for which command."""
+    msg: dict[str, Any] = {"execute": command}
+    if arguments:
+        msg["arguments"] = arguments
     if arguments and _too_deep(arguments, MAX_NESTING):
         raise ExecuteError(command, arguments, "GenericError", "value nested too deeply")
     data = json.dumps(msg).encode() + b"\n"
@@ -233,6 +238,7 @@ class QMPClient:
         self._ready = threading.Condition(self._state_lock)  # a connection came or went
         self._connect_lock = threading.Lock()
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self._batch_lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
         self._subscribers: list[Callable[[Event], None]] = []
@@ -332,44 +338,78 @@ class QMPClient:
             conn, command, arguments, self.timeout if timeout is None else timeout
         )
 
+    def execute_many(
+        self, calls: list[tuple[str, dict[str, Any] | None]], timeout: float | None = None
+    ) -> Iterator[Any]:
+        """Send up to :data:`MAX_BATCH` commands in one write; yield their
+        results in order as they come, each the command's ``return`` value or
+        the :class:`ExecuteError` QEMU answered.  Raises :class:`CommandTimeout`
+        or :class:`ConnectionLost` at the first result that cannot come.
+        Thread-safe.
+        """
+        conn = self._ready_connection()
+        return self._results(conn, calls, self.timeout if timeout is None else timeout)
+
     def _execute_on(
         self, conn: _Connection, command: str, arguments: dict[str, Any] | None, timeout: float
     ) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        data = _encode(command, arguments, msg)
+        (result,) = list(self._results(conn, [(command, arguments)], timeout))
+        if isinstance(result, ExecuteError):
+            raise result
+        return result
+
+    def _results(
+        self,
+        conn: _Connection,
+        calls: list[tuple[str, dict[str, Any] | None]],
+        timeout: float,
+    ) -> Iterator[Any]:
+        if not 0 < len(calls) <= MAX_BATCH:
+            raise ValueError(f"{len(calls)} commands at once; 1 to {MAX_BATCH} may be sent")
+        data = b"".join(_encode(command, arguments) for command, arguments in calls)
         deadline = time.monotonic() + timeout
-        if not self._in_flight.acquire(timeout=timeout):
-            raise CommandTimeout(command, timeout)
+        taken = 0
         try:
-            pending = _Pending()
+            # One thread at a time gathers several slots: two holding some
+            # each and waiting for more could wait for each other.
+            with self._batch_lock if len(calls) > 1 else contextlib.nullcontext():
+                for _ in calls:
+                    if not self._in_flight.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                        raise CommandTimeout(calls[0][0], timeout)
+                    taken += 1
+            pendings = [_Pending() for _ in calls]
             with self._counts_lock:
-                self._counts[command] += 1
+                for command, _ in calls:
+                    self._counts[command] += 1
             try:
                 with conn.send_lock:
                     with conn.lock:
                         if conn.dead is not None:
                             raise ConnectionLost(str(conn.dead))
-                        conn.pending.append(pending)
+                        conn.pending.extend(pendings)
                     conn.sock.sendall(data)
             except OSError as err:
-                self._lost(conn, ConnectionLost(f"sending {command!r} to {conn.peer}: {err}"))
-            if not pending.done.wait(max(0.0, deadline - time.monotonic())):
-                # Its reply, when it comes, still takes its place in line.
-                raise CommandTimeout(command, timeout)
+                what = calls[0][0] if len(calls) == 1 else f"{len(calls)} commands"
+                self._lost(conn, ConnectionLost(f"sending {what!r} to {conn.peer}: {err}"))
+            for (command, arguments), pending in zip(calls, pendings, strict=True):
+                if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+                    # Its reply, when it comes, still takes its place in line.
+                    raise CommandTimeout(command, timeout)
+                self._in_flight.release()
+                taken -= 1
+                if pending.lost is not None:
+                    raise ConnectionLost(str(pending.lost)) from pending.lost
+                reply = pending.reply
+                assert reply is not None
+                if "error" in reply:
+                    error = reply["error"]
+                    cls, desc = str(error.get("class", "?")), str(error.get("desc", ""))
+                    yield ExecuteError(command, arguments or {}, cls, desc)
+                else:
+                    yield reply.get("return")
         finally:
-            self._in_flight.release()
-        if pending.lost is not None:
-            raise ConnectionLost(str(pending.lost)) from pending.lost
-        reply = pending.reply
-        assert reply is not None
-        if "error" in reply:
-            error = reply["error"]
-            raise ExecuteError(
-                command, arguments or {}, str(error.get("class", "?")), str(error.get("desc", ""))
-            )
-        return reply.get("return")
+            for _ in range(taken):
+                self._in_flight.release()
 
     def _ready_connection(self) -> _Connection:
         conn = self._conn

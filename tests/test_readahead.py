@@ -14,7 +14,7 @@ import pytest
 
 from qomfs.errors import CommandTimeout, NotReadable, ReadFailed
 from qomfs.model import READAHEAD, READAHEAD_WORKERS, QOMTree
-from qomfs.qmp import QMPClient
+from qomfs.qmp import MAX_BATCH, QMPClient
 from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
 from tests.test_cache import FakeClock
 from tests.test_model import WITH_BATCH, Env, Spent, env
@@ -167,22 +167,27 @@ def listed(tree: QOMTree, path: str) -> bool:
 def test_read_ahead_stops_while_qemu_does_not_answer() -> None:
     """A stopped QEMU: the queued read-ahead is dropped after the first
     timeouts instead of timing out one command after another."""
+    objects = wide_tree()
+    objects["/"].append({"name": "big", "type": "child<container>"})
+    objects["/big"] = [{"name": f"p{i}", "type": "int", "value": i} for i in range(80)]
     with (
-        FakeQMP(wide_tree()) as fake,
+        FakeQMP(objects) as fake,
         QMPClient(fake.path, timeout=0.3) as client,
     ):
         tree = QOMTree(client, ttl=30, clock=FakeClock())
-        tree.readdir("/objects")
-        tree.listing("/objects/m0")  # cached, no read-ahead
-        tree.listing("/objects/m1")
-        fake.delay["qom-list"] = 2.0  # QEMU stops answering
-        sent = client.command_counts()["qom-list"]
         tree.readdir("/objects/m0")
-        tree.readdir("/objects/m1")  # a walk: 16 listings to fetch ahead
-        assert tree.quiesce(10)
-        stalled = client.command_counts()["qom-list"] - sent
-        # One command per read-ahead thread times out; the rest is dropped.
-        assert stalled <= READAHEAD_WORKERS + 1, stalled
+        tree.get("/objects/m0/type")
+        tree.get("/objects/m0/size")  # a walk of values: ls -lR, grep -r
+        tree.listing("/big")  # cached, with no read-ahead
+        assert tree.quiesce()
+        fake.delay["qom-get"] = 2.0  # QEMU stops answering
+        sent = client.command_counts()["qom-get"]
+        tree.readdir("/big")  # 64 values to fetch ahead
+        assert tree.quiesce(20)
+        stalled = client.command_counts()["qom-get"] - sent
+        # One round of commands per read-ahead thread times out; the rest is
+        # dropped.
+        assert stalled <= READAHEAD_WORKERS * MAX_BATCH, stalled
         with pytest.raises(CommandTimeout):  # the walker itself sees it
-            tree.readdir("/objects/m2")
+            tree.get("/big/p70")
         tree.close()
