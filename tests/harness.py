@@ -205,6 +205,17 @@ class Mount:
     def commands(self) -> int:
         return int(self.stats()["total"])
 
+    def settled_commands(self, quiet: float = 0.2, limit: float = 10.0) -> int:
+        """The command total once the daemon's read-ahead has gone quiet."""
+        total, deadline = self.commands(), time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.commands()
+            if now == total:
+                break
+            total = now
+        return total
+
     def logtext(self) -> str:
         return self.log.read_text(errors="replace")
 

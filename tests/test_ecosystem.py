@@ -52,9 +52,10 @@ def test_xattrs_type_and_description(mnt: Mount, vm: VM) -> None:
             p["name"]: p.get("description", "")
             for p in qmp.cmd("qom-list-properties", typename="pc-q35-7.2-machine")
         }
+    time.sleep(1.1)  # no walk of an earlier test goes on
     d = mnt.path / "machine" / "q35"
     os.listdir(d)
-    before = mnt.commands()
+    before = mnt.settled_commands()  # what the listing read ahead counts for it
     for name, qom_type in props.items():
         if qom_type.startswith("link<"):
             continue  # Linux allows user.* xattrs on files and directories only
