@@ -109,7 +109,8 @@ class TTLCache(Generic[K, V]):
                 raise flight.error
             if flight.value is not None:
                 return flight.value
-            # The flight produced None (a legal value): fetch ourselves.
+            # No value came (None is a legal value, or a batch fetch brought
+            # nothing for this key): fetch ourselves.
             return fetch()
         try:
             value = fetch()

@@ -219,28 +219,27 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def readdir(self, path: str, fh: Any) -> list[Any]:
-        entries: list[Any] = [".", ".."]
-        for prop in self.tree.readdir(path):
-            child = join(path, prop.name)
-            if prop.is_child:
-                mode = stat.S_IFDIR
-            elif prop.is_link:
-                mode = stat.S_IFLNK
-            else:
-                mode = stat.S_IFREG
-            entries.append((prop.name, {"st_mode": mode, "st_ino": inode(child)}, 0))
-        return entries
+        """Plain READDIR (libfuse2): each entry's type and inode."""
+        return [".", ".."] + [
+            (name, {"st_mode": attrs["st_mode"], "st_ino": ino}, 0)
+            for name, ino, attrs in self._entries(path, 2, ahead=True)
+        ]
 
     @_operation
     def readdir_plus(self, path: str, offset: int) -> list[tuple[str, int, dict[str, Any]]]:
         """For READDIRPLUS (libfuse3): from entry ``offset`` on, each entry's
-        name, inode and other attributes (one shared dict per kind of entry)."""
-        props = self.tree.readdir(path, ahead=offset == 0)
+        name, inode and other attributes (one shared dict per kind of entry).
+        A call past the first is the kernel asking for the rest, or the end."""
+        return self._entries(path, offset, ahead=offset == 0)
+
+    def _entries(
+        self, path: str, offset: int, ahead: bool
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        props = self.tree.readdir(path, ahead=ahead)
         here = self._bases[Kind.OBJECT]
         entries = [(dot, inode(path), here) for dot in (".", "..")][offset:]
         for prop in props[max(0, offset - 2) :]:
-            kind = Kind.OBJECT if prop.is_child else Kind.LINK if prop.is_link else Kind.PROPERTY
-            entries.append((prop.name, inode(join(path, prop.name)), self._bases[kind]))
+            entries.append((prop.name, inode(join(path, prop.name)), self._bases[prop.kind]))
         return entries
 
     @_operation

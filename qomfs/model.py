@@ -24,7 +24,7 @@ import logging
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -78,6 +78,12 @@ READAHEAD_WORKERS = 3
 BATCH_CHUNK = 64
 
 
+class Kind(enum.Enum):
+    OBJECT = "object"  # a directory
+    PROPERTY = "property"  # a regular file
+    LINK = "link"  # a symlink
+
+
 class Property(NamedTuple):
     """One entry of ``qom-list``: a property's name and QOM type.
 
@@ -97,6 +103,14 @@ class Property(NamedTuple):
         return self.type.startswith("link<")
 
     @property
+    def kind(self) -> Kind:
+        """What the property is in the filesystem: a directory (``child<>``),
+        a symlink (``link<>``) or a file."""
+        if self.is_child:
+            return Kind.OBJECT
+        return Kind.LINK if self.is_link else Kind.PROPERTY
+
+    @property
     def target_type(self) -> str:
         """``T`` of ``child<T>`` or ``link<T>``; the type itself otherwise."""
         if self.is_child or self.is_link:
@@ -112,12 +126,6 @@ class Property(NamedTuple):
         if not isinstance(name, str) or not isinstance(qom_type, str):
             raise ReadFailed(f"malformed qom-list entry {item!r}")
         return cls(name, qom_type)
-
-
-class Kind(enum.Enum):
-    OBJECT = "object"  # a directory
-    PROPERTY = "property"  # a regular file
-    LINK = "link"  # a symlink
 
 
 @dataclass(frozen=True)
@@ -137,10 +145,10 @@ class Listing:
     properties: dict[str, Property]
 
     @functools.cached_property
-    def _groups(self) -> dict[str, tuple[str, ...]]:
-        groups: dict[str, list[str]] = {"child": [], "link": [], "plain": []}
+    def _groups(self) -> dict[Kind, tuple[str, ...]]:
+        groups: dict[Kind, list[str]] = {kind: [] for kind in Kind}
         for prop in self.properties.values():
-            groups[_group(prop)].append(prop.name)
+            groups[prop.kind].append(prop.name)
         return {kind: tuple(names) for kind, names in groups.items()}
 
     @functools.cached_property
@@ -155,9 +163,9 @@ class Listing:
                 out[name] = (names, i, ordered, where[name])
         return out
 
-    def names(self, kind: str) -> tuple[str, ...]:
-        """The names of one kind ("child", "link", "plain"), in QEMU's order."""
-        return self._groups.get(kind, ())
+    def names(self, kind: Kind) -> tuple[str, ...]:
+        """The names of one kind of entry, in QEMU's order."""
+        return self._groups[kind]
 
     def adjacent(self, before: str, name: str) -> int:
         """The orders (:data:`QEMU_ORDER` | :data:`SORTED`) in which ``name``
@@ -170,7 +178,7 @@ class Listing:
             SORTED if ordered[j + 1 : j + 2] == (name,) else 0
         )
 
-    def first(self, kind: str, count: int, order: int) -> tuple[str, ...]:
+    def first(self, kind: Kind, count: int, order: int) -> tuple[str, ...]:
         """The first ``count`` names of one kind in each of ``order``."""
         names = self.names(kind)
         ahead = names[:count] if order & QEMU_ORDER else ()
@@ -189,10 +197,6 @@ class Listing:
         if order & SORTED:
             ahead += tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
         return ahead
-
-
-def _group(prop: Property) -> str:
-    return "child" if prop.is_child else "link" if prop.is_link else "plain"
 
 
 @dataclass(frozen=True)
@@ -319,8 +323,8 @@ class QOMTree:
         self._ra_lock = threading.Lock()
         # (dir, kind) -> (when, name) of the last read there, and how many
         # reads in a row came one right after the other
-        self._ra_seen: dict[tuple[str, str], tuple[float, str, int]] = {}
-        self._ra_walks: dict[str, tuple[float, int]] = {}  # kind -> (until, order) of a walk
+        self._ra_seen: dict[tuple[str, Kind], tuple[float, str, int]] = {}
+        self._ra_walks: dict[Kind, tuple[float, int]] = {}  # kind -> (until, order) of a walk
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
         self._ra_pool: ThreadPoolExecutor | None = None
         self._ra_pending = 0  # read-ahead tasks queued or running
@@ -390,8 +394,7 @@ class QOMTree:
             ahead = (
                 siblings.following(name, BATCH_CHUNK - 1, QEMU_ORDER | SORTED) if siblings else ()
             )
-            more = [join(parent, n) for n in ahead if not self._listings.peek(join(parent, n))[0]]
-            more = more[: BATCH_CHUNK - 1]
+            more = self._unlisted(parent, ahead)[: BATCH_CHUNK - 1]
             started, generation = self._clock(), self._listings.generation
             listings = self._fetch_batch([path, *more]) if more else []
             if listings:
@@ -410,6 +413,11 @@ class QOMTree:
         listing = self._listing_from(path, reply)
         self._latest = (path, started)
         return listing
+
+    def _unlisted(self, obj: str, names: Sequence[str]) -> list[str]:
+        """The paths of ``obj``'s child objects ``names`` not listed in the cache."""
+        paths = (join(obj, name) for name in names)
+        return [path for path in paths if not self._listings.peek(path)[0]]
 
     @staticmethod
     def _listing_from(path: str, reply: Any) -> Listing:
@@ -448,19 +456,13 @@ class QOMTree:
         (and values) of the child objects, which a recursive walk visits next.
         """
         listing = self.listing(path)
-        if not ahead:
-            pass
-        elif self.batch and self.ttl > 0:
-            missing = [
-                join(path, name)
-                for name in listing.names("child")
-                if not self._listings.peek(join(path, name))[0]
-            ][:BATCH_CHUNK]
+        if ahead and self.batch and self.ttl > 0:
+            missing = self._unlisted(path, listing.names(Kind.OBJECT))[:BATCH_CHUNK]
             if missing:
                 # In the background: the walker works through this directory
                 # meanwhile, and waits only for a child it reaches first.
                 self._submit(self._fetch_batch_ahead, missing)
-        elif self.readahead:
+        elif ahead and self.readahead:
             self._ahead_of_listing(listing)
         return list(listing.properties.values())
 
@@ -487,9 +489,7 @@ class QOMTree:
         prop = listing.properties.get(name)
         if prop is None:
             raise NotFound(f"{path}: no such object or property")
-        if prop.is_child:
-            return Node(path, Kind.OBJECT, prop)
-        return Node(path, Kind.LINK if prop.is_link else Kind.PROPERTY, prop)
+        return Node(path, prop.kind, prop)
 
     def _seen_below(self, path: str) -> bool:
         """Whether the latest listing fetched, within the TTL, is of ``path``
@@ -548,7 +548,7 @@ class QOMTree:
     #   right back), else only the next one (its subtree comes first, and a
     #   listing fetched too early expires unused).
 
-    def _walk_read(self, listing: Listing, name: str, kind: str) -> int:
+    def _walk_read(self, listing: Listing, name: str, kind: Kind) -> int:
         """Note a read of ``name`` (of ``kind``) in ``listing``'s object;
         the order of the walk of that kind going on (0: none)."""
         now = self._clock()
@@ -570,7 +570,7 @@ class QOMTree:
             until, walk_order = self._ra_walks.get(kind, (0.0, 0))
             return walk_order if until > now else 0
 
-    def _walks(self) -> list[tuple[str, int]]:
+    def _walks(self) -> list[tuple[Kind, int]]:
         """The walks going on: (kind, order)."""
         now = self._clock()
         with self._ra_lock:
@@ -579,13 +579,12 @@ class QOMTree:
     def _ahead_of_read(self, path: str) -> None:
         """The property at ``path`` was read: fetch its next siblings' values."""
         obj, name = split(path)
-        hit, listing = self._listings.peek(obj)
-        prop = listing.properties.get(name) if hit and listing is not None else None
+        listing = self._listings.peek(obj)[1]
+        prop = listing.properties.get(name) if listing is not None else None
         if listing is not None and prop is not None:
-            kind = _group(prop)
-            order = self._walk_read(listing, name, kind)
+            order = self._walk_read(listing, name, prop.kind)
             if order:
-                self._prefetch(obj, listing.following(name, READAHEAD, order), kind)
+                self._prefetch(obj, listing.following(name, READAHEAD, order), prop.kind)
 
     def _ahead_of_listing(self, listing: Listing) -> None:
         """``listing`` was just read by ``readdir``: fetch what a walker
@@ -593,25 +592,25 @@ class QOMTree:
         path = listing.path
         if path != "/":
             parent, name = split(path)
-            hit, siblings = self._listings.peek(parent)
-            order = self._walk_read(siblings, name, "child") if hit and siblings else 0
+            siblings = self._listings.peek(parent)[1]
+            order = self._walk_read(siblings, name, Kind.OBJECT) if siblings is not None else 0
             if siblings is not None and order:
-                count = 1 if listing.names("child") else READAHEAD
-                self._prefetch(parent, siblings.following(name, count, order), "child")
+                count = 1 if listing.names(Kind.OBJECT) else READAHEAD
+                self._prefetch(parent, siblings.following(name, count, order), Kind.OBJECT)
         self._ahead_of_listed(listing, self._walks())
 
-    def _ahead_of_listed(self, listing: Listing, walks: list[tuple[str, int]]) -> None:
+    def _ahead_of_listed(self, listing: Listing, walks: Sequence[tuple[Kind, int]]) -> None:
         for kind, order in walks:
-            count = 1 if kind == "child" else READAHEAD_LISTED
+            count = 1 if kind is Kind.OBJECT else READAHEAD_LISTED
             self._prefetch(listing.path, listing.first(kind, count, order), kind)
 
-    def _prefetch(self, obj: str, names: tuple[str, ...], kind: str) -> None:
+    def _prefetch(self, obj: str, names: tuple[str, ...], kind: Kind) -> None:
         if self._stalled():
             return
         todo: list[str] = []
         for name in names:
             item = (obj, name)
-            if kind == "child":
+            if kind is Kind.OBJECT:
                 fresh = self._listings.peek(join(obj, name))[0]
             else:
                 fresh = self._values.peek(item)[0]
@@ -676,10 +675,10 @@ class QOMTree:
         with self._ra_lock:
             return self._ra_idle.wait_for(lambda: not self._ra_pending, timeout)
 
-    def _fetch_ahead(self, obj: str, names: tuple[str, ...], kind: str) -> None:
-        """The listings (``kind`` "child") or values of ``obj``'s ``names``,
+    def _fetch_ahead(self, obj: str, names: tuple[str, ...], kind: Kind) -> None:
+        """The listings (``kind`` OBJECT) or values of ``obj``'s ``names``,
         sent to QEMU in one write."""
-        child = kind == "child"
+        child = kind is Kind.OBJECT
         cache: TTLCache[Any, Any] = self._listings if child else self._values
         keys: list[Any] = [join(obj, n) for n in names] if child else [(obj, n) for n in names]
         claimed, generation = ([], 0) if self._stalled() else cache.claim(keys)
@@ -715,7 +714,7 @@ class QOMTree:
             self._latest = (next(reversed(got)), started)
             # The walker reads these objects' values soon after: ask now,
             # so QEMU need not wait for it between two directories.
-            values = [(kind, order) for kind, order in self._walks() if kind != "child"]
+            values = [(kind, order) for kind, order in self._walks() if kind is not Kind.OBJECT]
             for listing in got.values():
                 self._ahead_of_listed(listing, values)
 
