@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-readahead",
         action="store_true",
-        help="never fetch ahead of a reader that walks the tree (grep -r, ls -R)",
+        help="do not fetch values or listings ahead of a reader that walks the tree "
+        "(grep -r, ls -R); with qom-list-get a listed directory still brings its children",
     )
     p.add_argument(
         "--allow-unrealize",
