@@ -18,14 +18,15 @@ so that QEMU answers while the walker is busy with FUSE.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
+import itertools
 import logging
 import posixpath
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -72,8 +73,6 @@ WALK_RUN = 2
 READAHEAD_LISTED = 64
 #: At most this many read-ahead commands queued or in flight.
 READAHEAD_QUEUE = 256
-#: Threads that issue read-ahead commands (QEMU answers one at a time anyway).
-READAHEAD_WORKERS = 3
 #: With ``qom-list-get``: child objects listed per command, ahead of a walker.
 BATCH_CHUNK = 64
 
@@ -166,6 +165,24 @@ class Listing:
     def names(self, kind: Kind) -> tuple[str, ...]:
         """The names of one kind of entry, in QEMU's order."""
         return self._groups[kind]
+
+    def in_order(self, kind: Kind, order: int) -> tuple[str, ...]:
+        """The names of one kind of entry in ``order`` (QEMU's if it has
+        :data:`QEMU_ORDER`, else sorted)."""
+        names = self._groups[kind]
+        if order & QEMU_ORDER or not names:
+            return names
+        return self._order[names[0]][2]
+
+    def after(self, name: str, order: int) -> Iterator[str]:
+        """The names of ``name``'s kind that come after it in ``order``."""
+        hit = self._order.get(name)
+        if hit is None:
+            return iter(())
+        names, i, ordered, j = hit
+        if order & QEMU_ORDER:
+            return itertools.islice(names, i + 1, None)
+        return itertools.islice(ordered, j + 1, None)
 
     def adjacent(self, before: str, name: str) -> int:
         """The orders (:data:`QEMU_ORDER` | :data:`SORTED`) in which ``name``
@@ -326,8 +343,10 @@ class QOMTree:
         self._ra_seen: dict[tuple[str, Kind], tuple[float, str, int]] = {}
         self._ra_walks: dict[Kind, tuple[float, int]] = {}  # kind -> (until, order) of a walk
         self._ra_busy: set[tuple[str, str]] = set()  # queued or in flight
-        self._ra_pool: ThreadPoolExecutor | None = None
-        self._ra_pending = 0  # read-ahead tasks queued or running
+        self._ra_queue: collections.deque[tuple[Callable[..., bool], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._ra_pending = 0  # read-ahead queued or under way
         self._ra_stalled_until = float("-inf")  # no read-ahead before then
         self._ra_idle = threading.Condition(self._ra_lock)
         # The path of the latest listing fetched, and when it was asked for.
@@ -437,6 +456,12 @@ class QOMTree:
         except ExecuteError as err:
             log.debug("qom-list-get %s refused: %s", paths, err)
             return []
+        return self._from_batch(paths, reply, started, generation)
+
+    def _from_batch(
+        self, paths: list[str], reply: Any, started: float, generation: int
+    ) -> list[Listing]:
+        """The listings in a ``qom-list-get`` reply; caches the values."""
         out = []
         for listing, values in parse_list_get(paths, reply):
             for name, value in values.items():
@@ -542,11 +567,11 @@ class QOMTree:
     # last such read.  During a walk:
     # - a read fetches the next READAHEAD values of its kind;
     # - a listed directory fetches its first READAHEAD_LISTED values of the
-    #   kinds walked, and the listing of its first child object;
-    # - listing a child object fetches the next READAHEAD sibling objects'
-    #   listings when it has no child objects of its own (the walker comes
-    #   right back), else only the next one (its subtree comes first, and a
-    #   listing fetched too early expires unused).
+    #   kinds walked;
+    # - a walk of objects is depth-first: each listing fetches the listings
+    #   of the next READAHEAD objects in that walker's order, as far as the
+    #   listings cached tell (an object not yet listed counts as having no
+    #   child objects; once listed, its own come before its siblings).
 
     def _walk_read(self, listing: Listing, name: str, kind: Kind) -> int:
         """Note a read of ``name`` (of ``kind``) in ``listing``'s object;
@@ -588,21 +613,67 @@ class QOMTree:
 
     def _ahead_of_listing(self, listing: Listing) -> None:
         """``listing`` was just read by ``readdir``: fetch what a walker
-        reads next (its next sibling objects' listings, its own entries)."""
+        reads next (the next objects it lists, this object's entries)."""
         path = listing.path
+        walks = self._walks()
         if path != "/":
             parent, name = split(path)
             siblings = self._listings.peek(parent)[1]
-            order = self._walk_read(siblings, name, Kind.OBJECT) if siblings is not None else 0
-            if siblings is not None and order:
-                count = 1 if listing.names(Kind.OBJECT) else READAHEAD
-                self._prefetch(parent, siblings.following(name, count, order), Kind.OBJECT)
-        self._ahead_of_listed(listing, self._walks())
+            if siblings is not None:
+                self._walk_read(siblings, name, Kind.OBJECT)
+                walks = self._walks()
+        for kind, order in walks:
+            if kind is Kind.OBJECT:
+                self._list_ahead(path, order)
+        self._ahead_of_listed(listing, walks)
 
     def _ahead_of_listed(self, listing: Listing, walks: Sequence[tuple[Kind, int]]) -> None:
         for kind, order in walks:
-            count = 1 if kind is Kind.OBJECT else READAHEAD_LISTED
-            self._prefetch(listing.path, listing.first(kind, count, order), kind)
+            if kind is not Kind.OBJECT:
+                self._prefetch(listing.path, listing.first(kind, READAHEAD_LISTED, order), kind)
+
+    def _list_ahead(self, path: str, order: int) -> None:
+        """Fetch the listings of the next :data:`READAHEAD` objects that a
+        depth-first walker at ``path`` lists, as far as the cache can tell."""
+        todo: dict[str, list[str]] = {}
+        for nxt in itertools.islice(self._preorder_after(path, order), READAHEAD):
+            if not self._listings.peek(nxt)[0]:
+                parent, name = split(nxt)
+                todo.setdefault(parent, []).append(name)
+        for parent, names in todo.items():
+            self._prefetch(parent, tuple(names), Kind.OBJECT)
+
+    def _preorder_after(self, path: str, order: int) -> Iterator[str]:
+        """The objects a depth-first walker lists after ``path``: its child
+        objects in ``order``, each followed by its own subtree, then the
+        objects after ``path`` and after each of its ancestors.  Listings
+        cached (even expired) tell the tree; an object not listed is taken
+        as having no child objects."""
+        levels: list[Iterator[str]] = []
+        nxt = climbed = path
+        while True:
+            listing = self._listings.last(nxt)
+            if listing is not None:
+                names = listing.in_order(Kind.OBJECT, order)
+                levels.append(map(functools.partial(join, nxt), names))
+            while True:
+                got = next(levels[-1], None) if levels else None
+                if got is not None:
+                    break
+                if levels:
+                    levels.pop()
+                    continue
+                # Below ``climbed``, all is told: what follows it comes next.
+                if climbed == "/":
+                    return
+                parent, name = split(climbed)
+                above = self._listings.last(parent)
+                if above is None:
+                    return
+                levels.append(map(functools.partial(join, parent), above.after(name, order)))
+                climbed = parent
+            nxt = got
+            yield nxt
 
     def _prefetch(self, obj: str, names: tuple[str, ...], kind: Kind) -> None:
         if self._stalled():
@@ -624,21 +695,43 @@ class QOMTree:
         for i in range(0, len(todo), MAX_BATCH):
             self._submit(self._fetch_ahead, obj, tuple(todo[i : i + MAX_BATCH]), kind)
 
-    def _fetch_batch_ahead(self, paths: list[str]) -> None:
+    def _fetch_batch_ahead(self, paths: list[str]) -> bool:
         """The listings (and values) of ``paths``, in one ``qom-list-get``."""
         if self._stalled():
-            return
+            self._ahead_done()
+            return True
+        if not self.client.has_room(1):
+            return False
         claimed, generation = self._listings.claim(paths)
-        got: dict[str, Listing] = {}
-        started = self._clock()
-        try:
-            if claimed:
-                got = {listing.path: listing for listing in self._fetch_batch(claimed)}
-        except QomfsError as err:
-            self._ahead_failed(f"{len(claimed)} listings", err)
-        finally:
-            for path in claimed:
-                self._listings.finish(path, got.get(path), started, generation)
+        if not claimed:
+            self._ahead_done()
+            return True
+        started, values_generation = self._clock(), self._values.generation
+
+        def answered(_: int, result: Any) -> None:
+            got: dict[str, Listing] = {}
+            try:
+                if isinstance(result, QomfsError):
+                    raise result
+                got = {
+                    listing.path: listing
+                    for listing in self._from_batch(claimed, result, started, values_generation)
+                }
+            except ExecuteError as err:
+                log.debug("qom-list-get %s refused: %s", claimed, err)
+            except QomfsError as err:
+                self._ahead_failed(f"{len(claimed)} listings", err)
+            finally:
+                for path in claimed:
+                    self._listings.finish(path, got.get(path), started, generation)
+                self._ahead_done()
+            self._pump()
+
+        if self.client.submit([("qom-list-get", {"paths": claimed})], answered):
+            return True
+        for path in claimed:
+            self._listings.finish(path, None, started, generation)
+        return False
 
     def _ahead_failed(self, what: str, err: QomfsError) -> None:
         log.debug("read-ahead of %s: %s", what, err)
@@ -651,79 +744,118 @@ class QOMTree:
     def _stalled(self) -> bool:
         return self._clock() < self._ra_stalled_until
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._ra_lock:
-            if self._ra_pool is None:
-                self._ra_pool = ThreadPoolExecutor(
-                    READAHEAD_WORKERS, thread_name_prefix="qomfs-readahead"
-                )
-            pool = self._ra_pool
-            self._ra_pending += 1
-        pool.submit(self._run_ahead, fn, *args)
+    # Read-ahead has no threads of its own: commands go out with
+    # QMPClient.submit() from whichever thread asks for them, and their
+    # answers are stored by the QMP reader thread.  What finds no free slot
+    # waits in a queue, sent as answers free slots.
 
-    def _run_ahead(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        finally:
+    def _submit(self, send: Callable[..., bool], *args: Any) -> None:
+        """Queue read-ahead: ``send(*args)`` sends it, or returns False when
+        the client has no room yet; once over, it calls :meth:`_ahead_done`."""
+        with self._ra_lock:
+            self._ra_pending += 1
+            self._ra_queue.append((send, args))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send queued read-ahead while the client has room for it."""
+        while True:
             with self._ra_lock:
-                self._ra_pending -= 1
-                if not self._ra_pending:
-                    self._ra_idle.notify_all()
+                if not self._ra_queue:
+                    return
+                send, args = self._ra_queue.popleft()
+            if not send(*args):
+                with self._ra_lock:
+                    self._ra_queue.appendleft((send, args))
+                return
+
+    def _ahead_done(self) -> None:
+        with self._ra_lock:
+            self._ra_pending -= 1
+            if not self._ra_pending:
+                self._ra_idle.notify_all()
 
     def quiesce(self, timeout: float = 10.0) -> bool:
         """Wait until no read-ahead is queued or under way; whether it ended."""
         with self._ra_lock:
             return self._ra_idle.wait_for(lambda: not self._ra_pending, timeout)
 
-    def _fetch_ahead(self, obj: str, names: tuple[str, ...], kind: Kind) -> None:
-        """The listings (``kind`` OBJECT) or values of ``obj``'s ``names``,
-        sent to QEMU in one write."""
+    def _fetch_ahead(self, obj: str, names: tuple[str, ...], kind: Kind) -> bool:
+        """Send for the listings (``kind`` OBJECT) or values of ``obj``'s
+        ``names``, in one write."""
         child = kind is Kind.OBJECT
         cache: TTLCache[Any, Any] = self._listings if child else self._values
         keys: list[Any] = [join(obj, n) for n in names] if child else [(obj, n) for n in names]
-        claimed, generation = ([], 0) if self._stalled() else cache.claim(keys)
-        got: dict[Any, Any] = {}
-        started, done = self._clock(), 0
-        try:
-            if claimed:
-                calls: list[tuple[str, dict[str, Any] | None]] = [
-                    ("qom-list", {"path": key})
-                    if child
-                    else ("qom-get", {"path": key[0], "property": key[1]})
-                    for key in claimed
-                ]
-                for key, result in zip(claimed, self.client.execute_many(calls), strict=True):
-                    if not child:
-                        failed = isinstance(result, ExecuteError)
-                        got[key] = self._failed(key[0], key[1], result) if failed else result
-                    elif not isinstance(result, ExecuteError):
-                        # (A refused listing is asked again by the walker,
-                        # which then learns why.)
-                        got[key] = self._listing_from(key, result)
-                    # Whoever waits for this one need not wait for the rest.
-                    cache.finish(key, got.get(key), started, generation)
-                    done += 1
-        except QomfsError as err:
-            self._ahead_failed(f"{len(claimed)} entries of {obj}", err)
-        finally:
-            for key in claimed[done:]:  # what did not come: the walker asks
-                cache.finish(key, None, started, generation)
-            with self._ra_lock:
-                self._ra_busy.difference_update((obj, n) for n in names)
-        if child and got:
+        if self._stalled():
+            claimed: list[Any] = []
+        elif not self.client.has_room(len(keys)):
+            return False
+        else:
+            claimed, generation = cache.claim(keys)
+        got: dict[str, Listing] = {}
+        started, left = self._clock(), len(claimed)
+
+        def answered(index: int, result: Any) -> None:
+            nonlocal left
+            key, value = claimed[index], None
+            try:
+                if isinstance(result, QomfsError) and not isinstance(result, ExecuteError):
+                    raise result
+                if not child:
+                    failed = isinstance(result, ExecuteError)
+                    value = self._failed(key[0], key[1], result) if failed else result
+                elif not isinstance(result, ExecuteError):
+                    # (A refused listing is asked again by the walker, which
+                    # then learns why.)
+                    value = got[key] = self._listing_from(key, result)
+            except QomfsError as err:
+                self._ahead_failed(f"{key}", err)
+            finally:
+                # Whoever waits for this one need not wait for the rest.
+                cache.finish(key, value, started, generation)
+                left -= 1
+                if not left:
+                    self._fetched_ahead(obj, names, got, started)
+            self._pump()
+
+        if not claimed:
+            self._fetched_ahead(obj, names, got, started)
+            return True
+        calls: list[tuple[str, dict[str, Any] | None]] = [
+            ("qom-list", {"path": key})
+            if child
+            else ("qom-get", {"path": key[0], "property": key[1]})
+            for key in claimed
+        ]
+        if self.client.submit(calls, answered):
+            return True
+        for key in claimed:
+            cache.finish(key, None, started, generation)
+        return False
+
+    def _fetched_ahead(
+        self, obj: str, names: tuple[str, ...], got: dict[str, Listing], started: float
+    ) -> None:
+        with self._ra_lock:
+            self._ra_busy.difference_update((obj, n) for n in names)
+        if got:
             self._latest = (next(reversed(got)), started)
             # The walker reads these objects' values soon after: ask now,
             # so QEMU need not wait for it between two directories.
-            values = [(kind, order) for kind, order in self._walks() if kind is not Kind.OBJECT]
+            walks = self._walks()
             for listing in got.values():
-                self._ahead_of_listed(listing, values)
+                self._ahead_of_listed(listing, walks)
+
+        self._ahead_done()
 
     def close(self) -> None:
-        """Stop the read-ahead threads (they are idle between walks)."""
+        """Drop the read-ahead not yet sent."""
         with self._ra_lock:
-            pool, self._ra_pool = self._ra_pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            dropped, self._ra_queue = len(self._ra_queue), collections.deque()
+            self._ra_pending -= dropped
+            self._ra_busy.clear()
+            if not self._ra_pending:
+                self._ra_idle.notify_all()
 
     def read_text(self, path: str) -> str:
         """The text a file at ``path`` shows (see :mod:`qomfs.values`)."""

@@ -22,12 +22,14 @@ import contextlib
 import enum
 import json
 import logging
+import math
 import os
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from qomfs.errors import (
@@ -43,8 +45,11 @@ log = logging.getLogger("qomfs.qmp")
 
 #: The QMP spec allows at most this many in-band commands in flight.
 MAX_IN_FLIGHT = 8
-#: Commands :meth:`QMPClient.execute_many` sends at once (half the limit).
+#: Commands :meth:`QMPClient.submit` sends at once (half the limit).
 MAX_BATCH = MAX_IN_FLIGHT // 2
+#: Commands sent by :meth:`QMPClient.submit` in flight at once: the rest of
+#: the slots are kept for commands someone waits for.
+MAX_ASYNC = MAX_IN_FLIGHT - 2
 #: A message larger than this is not QMP (QEMU's own limit is far lower).
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -113,11 +118,47 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass
 class _Pending:
-    done: threading.Event = field(default_factory=threading.Event)
-    reply: dict[str, Any] | None = None
-    lost: QMPError | None = None
+    """A command sent and not yet answered.
+
+    Either a thread waits for it (``done``) or, sent by
+    :meth:`QMPClient.submit`, ``callback`` takes its answer.  It is settled
+    once: by its reply, by the loss of the connection, or by its deadline
+    (async only); :meth:`take` (under the connection's lock) decides which.
+    """
+
+    __slots__ = ("callback", "command", "deadline", "done", "lost", "reply", "taken", "timeout")
+
+    def __init__(
+        self,
+        command: str,
+        callback: Callable[[_Pending], None] | None = None,
+        timeout: float = math.inf,
+    ) -> None:
+        self.command = command
+        self.callback = callback
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout if callback is not None else math.inf
+        self.done = threading.Event() if callback is None else None
+        self.reply: dict[str, Any] | None = None
+        self.lost: QMPError | None = None
+        self.taken = False
+
+    def take(self) -> bool:
+        """Whether this is the one settling (call under the connection's lock)."""
+        if self.taken:
+            return False
+        self.taken = True
+        return True
+
+    def settle(self, reply: dict[str, Any] | None, lost: QMPError | None = None) -> None:
+        """Hand over the reply, or why none comes (after :meth:`take`)."""
+        self.reply, self.lost = reply, lost
+        if self.callback is not None:
+            self.callback(self)
+        else:
+            assert self.done is not None
+            self.done.set()
 
 
 class _Connection:
@@ -141,13 +182,31 @@ class _Connection:
             if self.dead is not None:
                 return
             self.dead = why
-            waiters = list(self.pending)
+            waiters = [p for p in self.pending if p.take()]
             self.pending.clear()
         for p in waiters:
-            p.lost = why
-            p.done.set()
+            p.settle(None, why)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+    def expire(self, now: float) -> float | None:
+        """Time out the async commands past their deadline; the seconds until
+        the next deadline, None when no async command is waiting."""
+        overdue: list[_Pending] = []
+        upcoming = math.inf
+        with self.lock:
+            for p in self.pending:
+                if p.callback is None or p.taken:
+                    continue
+                if p.deadline <= now:
+                    p.take()
+                    overdue.append(p)
+                else:
+                    upcoming = min(upcoming, p.deadline)
+        for p in overdue:
+            # Its reply, when it comes, still takes its place in line.
+            p.settle(None, CommandTimeout(p.command, p.timeout))
+        return None if upcoming == math.inf else upcoming - now
 
 
 #: QEMU's JSON parser gives up on a message nested deeper than 1024, of more
@@ -187,6 +246,24 @@ def _encode(command: str, arguments: dict[str, Any] | None) -> bytes:
             command, arguments or {}, "GenericError", f"request of {len(data)} bytes is too large"
         )
     return data
+
+
+def _result(command: str, arguments: dict[str, Any] | None, pending: _Pending) -> Any:
+    """A settled command's ``return`` value, or the :class:`ExecuteError` it got.
+
+    Raises :class:`CommandTimeout` or :class:`ConnectionLost` when no reply came.
+    """
+    if pending.lost is not None:
+        if isinstance(pending.lost, CommandTimeout):
+            raise pending.lost
+        raise ConnectionLost(str(pending.lost)) from pending.lost
+    reply = pending.reply
+    assert reply is not None
+    if "error" in reply:
+        error = reply["error"]
+        cls, desc = str(error.get("class", "?")), str(error.get("desc", ""))
+        return ExecuteError(command, arguments or {}, cls, desc)
+    return reply.get("return")
 
 
 def _is_stray_error(msg: dict[str, Any]) -> bool:
@@ -238,7 +315,8 @@ class QMPClient:
         self._ready = threading.Condition(self._state_lock)  # a connection came or went
         self._connect_lock = threading.Lock()
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self._batch_lock = threading.Lock()
+        self._async = 0  # slots held by submit()
+        self._async_lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
         self._subscribers: list[Callable[[Event], None]] = []
@@ -338,78 +416,113 @@ class QMPClient:
             conn, command, arguments, self.timeout if timeout is None else timeout
         )
 
-    def execute_many(
-        self, calls: list[tuple[str, dict[str, Any] | None]], timeout: float | None = None
-    ) -> Iterator[Any]:
-        """Send up to :data:`MAX_BATCH` commands in one write; yield their
-        results in order as they come, each the command's ``return`` value or
-        the :class:`ExecuteError` QEMU answered.  Raises :class:`CommandTimeout`
-        or :class:`ConnectionLost` at the first result that cannot come.
-        Thread-safe.
-        """
-        conn = self._ready_connection()
-        return self._results(conn, calls, self.timeout if timeout is None else timeout)
-
     def _execute_on(
         self, conn: _Connection, command: str, arguments: dict[str, Any] | None, timeout: float
     ) -> Any:
-        (result,) = list(self._results(conn, [(command, arguments)], timeout))
+        data = _encode(command, arguments)
+        deadline = time.monotonic() + timeout
+        if not self._in_flight.acquire(timeout=timeout):
+            raise CommandTimeout(command, timeout)
+        try:
+            pending = _Pending(command)
+            self._send(conn, [pending], data)
+            assert pending.done is not None
+            if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+                # Its reply, when it comes, still takes its place in line.
+                raise CommandTimeout(command, timeout)
+        finally:
+            self._in_flight.release()
+        result = _result(command, arguments, pending)
         if isinstance(result, ExecuteError):
             raise result
         return result
 
-    def _results(
+    def submit(
         self,
-        conn: _Connection,
         calls: list[tuple[str, dict[str, Any] | None]],
-        timeout: float,
-    ) -> Iterator[Any]:
+        callback: Callable[[int, Any], None],
+    ) -> bool:
+        """Send up to :data:`MAX_BATCH` commands in one write and return at once.
+
+        ``callback(i, result)`` takes the answer to ``calls[i]``, in order, on
+        the reader thread (or on this one if sending fails): the command's
+        ``return`` value, the :class:`ExecuteError` QEMU answered,
+        :class:`CommandTimeout` or :class:`ConnectionLost`.  It must be quick;
+        it may submit more.
+
+        Returns False, having sent nothing, when no connection is up (this
+        does not reconnect) or fewer than ``len(calls)`` of the
+        :data:`MAX_ASYNC` slots are free.  Meant for work nobody waits for.
+        """
         if not 0 < len(calls) <= MAX_BATCH:
             raise ValueError(f"{len(calls)} commands at once; 1 to {MAX_BATCH} may be sent")
+        conn = self._conn
+        if conn is None or conn.dead is not None:
+            return False
         data = b"".join(_encode(command, arguments) for command, arguments in calls)
-        deadline = time.monotonic() + timeout
-        taken = 0
+        with self._async_lock:
+            if self._async + len(calls) > MAX_ASYNC:
+                return False
+            taken = 0
+            while taken < len(calls) and self._in_flight.acquire(blocking=False):
+                taken += 1
+            if taken < len(calls):
+                for _ in range(taken):
+                    self._in_flight.release()
+                return False
+            self._async += taken
+
+        def answered(index: int, command: str, arguments: dict[str, Any] | None) -> Any:
+            def settled(pending: _Pending) -> None:
+                with self._async_lock:
+                    self._async -= 1
+                self._in_flight.release()
+                try:
+                    result = _result(command, arguments, pending)
+                except QMPError as err:
+                    result = err
+                try:
+                    callback(index, result)
+                except Exception:
+                    log.exception("callback for %r failed", command)
+
+            return settled
+
+        pendings = [
+            _Pending(command, answered(i, command, arguments), self.timeout)
+            for i, (command, arguments) in enumerate(calls)
+        ]
+        self._send(conn, pendings, data)
+        return True
+
+    def has_room(self, count: int) -> bool:
+        """Whether :meth:`submit` of ``count`` commands would find free slots
+        (a hint: another thread may take them first)."""
+        return self._async + count <= MAX_ASYNC
+
+    def _send(self, conn: _Connection, pendings: list[_Pending], data: bytes) -> None:
+        """Queue ``pendings`` for replies and send ``data``: their commands."""
+        with self._counts_lock:
+            for pending in pendings:
+                self._counts[pending.command] += 1
         try:
-            # One thread at a time gathers several slots: two holding some
-            # each and waiting for more could wait for each other.
-            with self._batch_lock if len(calls) > 1 else contextlib.nullcontext():
-                for _ in calls:
-                    if not self._in_flight.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                        raise CommandTimeout(calls[0][0], timeout)
-                    taken += 1
-            pendings = [_Pending() for _ in calls]
-            with self._counts_lock:
-                for command, _ in calls:
-                    self._counts[command] += 1
-            try:
-                with conn.send_lock:
-                    with conn.lock:
-                        if conn.dead is not None:
-                            raise ConnectionLost(str(conn.dead))
+            with conn.send_lock:
+                with conn.lock:
+                    dead = conn.dead
+                    if dead is None:
                         conn.pending.extend(pendings)
+                if dead is None:
                     conn.sock.sendall(data)
-            except OSError as err:
-                what = calls[0][0] if len(calls) == 1 else f"{len(calls)} commands"
-                self._lost(conn, ConnectionLost(f"sending {what!r} to {conn.peer}: {err}"))
-            for (command, arguments), pending in zip(calls, pendings, strict=True):
-                if not pending.done.wait(max(0.0, deadline - time.monotonic())):
-                    # Its reply, when it comes, still takes its place in line.
-                    raise CommandTimeout(command, timeout)
-                self._in_flight.release()
-                taken -= 1
-                if pending.lost is not None:
-                    raise ConnectionLost(str(pending.lost)) from pending.lost
-                reply = pending.reply
-                assert reply is not None
-                if "error" in reply:
-                    error = reply["error"]
-                    cls, desc = str(error.get("class", "?")), str(error.get("desc", ""))
-                    yield ExecuteError(command, arguments or {}, cls, desc)
-                else:
-                    yield reply.get("return")
-        finally:
-            for _ in range(taken):
-                self._in_flight.release()
+        except OSError as err:
+            what = pendings[0].command if len(pendings) == 1 else f"{len(pendings)} commands"
+            self._lost(conn, ConnectionLost(f"sending {what!r} to {conn.peer}: {err}"))
+            return
+        if dead is not None:
+            if pendings[0].callback is None:
+                raise ConnectionLost(str(dead))
+            for pending in pendings:  # async: told through their callbacks
+                pending.take()
+                pending.settle(None, dead)
 
     def _ready_connection(self) -> _Connection:
         conn = self._conn
@@ -615,8 +728,13 @@ class QMPClient:
         for msg in early:
             self._dispatch(conn, msg)
         why: QMPError
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
         while True:
             try:
+                wait = conn.expire(time.monotonic())
+                if wait is not None and not poller.poll(max(1, math.ceil(wait * 1000))):
+                    continue  # to time out the async commands overdue
                 data = conn.sock.recv(65536)
             except OSError as err:
                 why = ConnectionLost(f"reading from {conn.peer}: {err}")
@@ -665,10 +783,10 @@ class QMPClient:
                 return
             with conn.lock:
                 pending = conn.pending.popleft() if conn.pending else None
+                answers = pending is not None and pending.take()
             if pending is None:
                 log.warning("QEMU answered a command never sent: %.200s", json.dumps(msg))
-                return
-            pending.reply = msg
-            pending.done.set()
+            elif answers:  # (else it timed out, or the connection is gone)
+                pending.settle(msg)
             return
         log.warning("ignoring unexpected QMP message: %.200s", json.dumps(msg))

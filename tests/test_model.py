@@ -453,24 +453,36 @@ def test_readlink(e: Env) -> None:
 
 
 def run_during_batch(e: Env, monkeypatch: pytest.MonkeyPatch, action: Any) -> None:
-    """Run ``action`` in another thread right after a qom-list-get reply arrived.
+    """Run ``action`` in another thread right after the first qom-list-get
+    was sent: waited for (its reply arrived) or sent ahead (its reply may
+    come before or after what ``action`` causes).
 
     That is the interleaving of a write (or a DEVICE_DELETED) racing a
     directory listing, made deterministic.
     """
-    real = e.client.execute
+    real_execute, real_submit = e.client.execute, e.client.submit
     done: list[bool] = []
 
-    def execute(command: str, arguments: Any = None, timeout: Any = None) -> Any:
-        reply = real(command, arguments, timeout)
+    def during(command: str) -> None:
         if command == "qom-list-get" and not done:
             done.append(True)
             other = threading.Thread(target=action)
             other.start()
             other.join(5)
+
+    def execute(command: str, arguments: Any = None, timeout: Any = None) -> Any:
+        reply = real_execute(command, arguments, timeout)
+        during(command)
         return reply
 
+    def submit(calls: list[tuple[str, Any]], callback: Any) -> bool:
+        sent = real_submit(calls, callback)
+        if sent:
+            during(calls[0][0])
+        return sent
+
     monkeypatch.setattr(e.client, "execute", execute)
+    monkeypatch.setattr(e.client, "submit", submit)
 
 
 def test_write_during_batch_is_not_undone(eb: Env, monkeypatch: pytest.MonkeyPatch) -> None:
