@@ -175,6 +175,11 @@ class _Connection:
         self.send_lock = threading.Lock()  # a send and its place in pending go together
         self.dead: QMPError | None = None
         self.reader: threading.Thread | None = None
+        # The reader blocks with no deadline while no async command waits;
+        # the first one sent then wakes it through this pair, to time it out.
+        self.blocked = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
 
     def fail(self, why: QMPError) -> None:
         """Mark dead and wake every waiter with ``why``."""
@@ -191,7 +196,8 @@ class _Connection:
 
     def expire(self, now: float) -> float | None:
         """Time out the async commands past their deadline; the seconds until
-        the next deadline, None when no async command is waiting."""
+        the next deadline, None when no async command is waiting (the reader
+        then blocks until :meth:`wake`)."""
         overdue: list[_Pending] = []
         upcoming = math.inf
         with self.lock:
@@ -203,10 +209,16 @@ class _Connection:
                     overdue.append(p)
                 else:
                     upcoming = min(upcoming, p.deadline)
+            self.blocked = upcoming == math.inf
         for p in overdue:
             # Its reply, when it comes, still takes its place in line.
             p.settle(None, CommandTimeout(p.command, p.timeout))
         return None if upcoming == math.inf else upcoming - now
+
+    def wake(self) -> None:
+        """Make the reader look at the deadlines again (under ``lock``)."""
+        with contextlib.suppress(OSError):  # full, or closed with the connection
+            self.wake_w.send(b"!")
 
 
 #: QEMU's JSON parser gives up on a message nested deeper than 1024, of more
@@ -511,6 +523,9 @@ class QMPClient:
                     dead = conn.dead
                     if dead is None:
                         conn.pending.extend(pendings)
+                        if conn.blocked and pendings[0].callback is not None:
+                            conn.blocked = False
+                            conn.wake()
                 if dead is None:
                     conn.sock.sendall(data)
         except OSError as err:
@@ -730,11 +745,16 @@ class QMPClient:
         why: QMPError
         poller = select.poll()
         poller.register(conn.sock, select.POLLIN)
+        poller.register(conn.wake_r, select.POLLIN)
+        sock_fd = conn.sock.fileno()
         while True:
             try:
                 wait = conn.expire(time.monotonic())
-                if wait is not None and not poller.poll(max(1, math.ceil(wait * 1000))):
-                    continue  # to time out the async commands overdue
+                ready = poller.poll(None if wait is None else max(1, math.ceil(wait * 1000)))
+                if any(fd != sock_fd for fd, _ in ready):
+                    conn.wake_r.recv(64)
+                if not any(fd == sock_fd for fd, _ in ready):
+                    continue  # deadlines to look at
                 data = conn.sock.recv(65536)
             except OSError as err:
                 why = ConnectionLost(f"reading from {conn.peer}: {err}")
@@ -750,6 +770,9 @@ class QMPClient:
             for msg in messages:
                 self._dispatch(conn, msg)
         self._lost(conn, why)
+        with conn.lock:
+            conn.wake_r.close()
+            conn.wake_w.close()
 
     def _lost(self, conn: _Connection, why: QMPError) -> None:
         if conn.dead is None and self._state is not State.CLOSED:

@@ -23,7 +23,7 @@ from qomfs.errors import (
     ExecuteError,
     ProtocolError,
 )
-from qomfs.qmp import Event, JSONStreamDecoder, QMPClient, State
+from qomfs.qmp import MAX_ASYNC, MAX_BATCH, Event, JSONStreamDecoder, QMPClient, State
 from tests.fakeqmp import BASE_COMMANDS, GARBAGE, IDLESS_ERROR, FakeQMP, Tree, event
 
 LABEL = "héllo wörld ✓ 日本語 🎉 \\x2f"
@@ -238,6 +238,99 @@ def test_command_timeout_keeps_the_connection(fake: FakeQMP) -> None:
             {"name": "machine", "type": "child<pc-q35-7.2-machine>"},
         ]
         assert client.state is State.READY
+
+
+# --- commands nobody waits for (submit) ---------------------------------------
+
+
+class Answers:
+    """Collects what :meth:`QMPClient.submit` hands its callback."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Any, str]] = []
+        self.done = threading.Event()
+        self.expected = 0
+
+    def __call__(self, index: int, result: Any) -> None:
+        self.got.append((index, result, threading.current_thread().name))
+        if len(self.got) == self.expected:
+            self.done.set()
+
+    def wait(self, count: int, timeout: float = 3.0) -> list[Any]:
+        self.expected = count
+        if len(self.got) < count:
+            assert self.done.wait(timeout), self.got
+        return [result for _, result, _ in self.got]
+
+
+def test_submit_answers_through_the_reader_thread(fake: FakeQMP) -> None:
+    with QMPClient(fake.path) as client:
+        answers = Answers()
+        calls: list[tuple[str, dict[str, Any] | None]] = [
+            ("qom-get", {"path": "/machine", "property": "label"}),
+            ("qom-get", {"path": "/machine", "property": "nosuch"}),
+            ("qom-list", {"path": "/"}),
+        ]
+        assert client.submit(calls, answers)
+        label, missing, listing = answers.wait(3)
+        assert label == LABEL
+        assert isinstance(missing, ExecuteError) and missing.error_class == "GenericError"
+        assert [entry["name"] for entry in listing] == ["type", "machine"]
+        assert [i for i, _, _ in answers.got] == [0, 1, 2]
+        assert {thread for _, _, thread in answers.got} == {"qmp-reader"}
+        assert client.command_counts()["qom-get"] == 2
+        assert fake.command_counts()["qom-get"] == 2
+
+
+def test_submit_keeps_slots_for_commands_waited_for(fake: FakeQMP) -> None:
+    """Submitted commands hold at most MAX_ASYNC of the MAX_IN_FLIGHT slots;
+    submit() refuses rather than waits, and execute() still goes through."""
+    with QMPClient(fake.path) as client:
+        fake.delay["qom-get"] = 0.3
+        answers = Answers()
+        label = ("qom-get", {"path": "/machine", "property": "label"})
+        sent = 0
+        while client.submit([label], answers):
+            sent += 1
+            assert sent <= MAX_ASYNC
+        assert sent == MAX_ASYNC
+        assert not client.has_room(1)
+        assert client.execute("qom-list", {"path": "/machine"})[0]["name"] == "type"
+        assert answers.wait(MAX_ASYNC, timeout=5) == [LABEL] * MAX_ASYNC
+        assert client.has_room(MAX_BATCH)
+        with pytest.raises(ValueError):
+            client.submit([label] * (MAX_BATCH + 1), answers)
+
+
+def test_submit_times_out_and_the_late_reply_is_skipped(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=0.2) as client:
+        fake.delay["qom-get"] = 0.6
+        answers = Answers()
+        started = time.monotonic()
+        assert client.submit([("qom-get", {"path": "/machine", "property": "label"})], answers)
+        (result,) = answers.wait(1, timeout=2)
+        assert isinstance(result, CommandTimeout) and result.command == "qom-get"
+        assert 0.2 <= time.monotonic() - started < 0.55
+        fake.delay.clear()
+        # The late reply comes first; it answers nothing now.
+        assert client.execute("qom-list", {"path": "/"}, timeout=2)[1]["name"] == "machine"
+        assert client.has_room(MAX_ASYNC)
+
+
+def test_submit_is_told_when_the_connection_is_lost(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=3, reconnect=False) as client:
+        fake.delay["qom-get"] = 0.2
+        fake.drop_after = 2  # after negotiation
+        answers = Answers()
+        calls: list[tuple[str, dict[str, Any] | None]] = [
+            ("qom-get", {"path": "/machine", "property": "label"})
+        ] * 2
+        assert client.submit(calls, answers)
+        results = answers.wait(2)
+        assert all(isinstance(r, ConnectionLost) for r in results), results
+        wait_until(lambda: client.state is State.LOST)
+        assert not client.submit(calls, answers)  # no connection: nothing sent
+        assert client.has_room(MAX_ASYNC)
 
 
 # --- lost connections and reconnection ----------------------------------------

@@ -146,6 +146,40 @@ def test_listing_walk_in_sorted_order_is_read_ahead_too() -> None:
         assert all(listed(tree, f"/objects/{name}") for name in ["m11", "m12", "m13"])
 
 
+def nested_tree() -> tuple[Tree, list[str]]:
+    """/top with objects n0..n5, each with three leaf objects k0..k2 (but n3,
+    a leaf); and the objects in the order a depth-first walker lists them."""
+    tree: Tree = {"/": [{"name": "top", "type": "child<container>"}], "/top": []}
+    order = ["/", "/top"]
+    for n in range(6):
+        node = f"/top/n{n}"
+        tree["/top"].append({"name": f"n{n}", "type": "child<container>"})
+        tree[node] = [{"name": "type", "type": "string", "value": "container"}]
+        order.append(node)
+        for k in range(3 if n != 3 else 0):
+            tree[node].append({"name": f"k{k}", "type": "child<container>"})
+            tree[f"{node}/k{k}"] = [{"name": "id", "type": "int", "value": k}]
+            order.append(f"{node}/k{k}")
+    return tree, order
+
+
+def test_listing_walk_goes_depth_first() -> None:
+    """Once two neighbours have been listed, each next object a depth-first
+    walker lists (a child first, else what follows) is listed before it
+    gets there, and the whole walk lists each object once."""
+    objects, order = nested_tree()
+    with FakeQMP(objects) as fake, QMPClient(fake.path, timeout=3) as client:
+        tree, spent = QOMTree(client, ttl=30, clock=FakeClock()), Spent(client)
+        walk_from = order.index("/top/n0/k1") + 1  # k0, k1: a walk
+        for i, path in enumerate(order):
+            if i >= walk_from:
+                assert listed(tree, path), path
+            tree.readdir(path)
+            settle(tree, spent)
+        assert client.command_counts()["qom-list"] == len(order)
+        tree.close()
+
+
 def test_batch_walk_lists_objects_in_chunks() -> None:
     """With qom-list-get, a walker gets 64 objects' listings per command."""
     with wide(batch=True) as (tree, spent):
