@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import socket
 import threading
@@ -54,6 +55,7 @@ MAX_ASYNC = MAX_IN_FLIGHT - 2
 MAX_MESSAGE = 64 * 1024 * 1024
 
 _JSON_SPACE = " \t\r\n"
+_FIRST_CHAR = re.compile(r"[ \t\r\n]*(.)", re.DOTALL)
 
 
 class JSONStreamDecoder:
@@ -80,8 +82,17 @@ class JSONStreamDecoder:
         Raises :class:`ProtocolError` when the stream cannot be QMP: a message
         that is not a JSON object, or one that grows past :data:`MAX_MESSAGE`.
         """
-        self._buf += self._utf8.decode(data)
+        text = self._utf8.decode(data)
+        self._buf += text
         out: list[dict[str, Any]] = []
+        first = _FIRST_CHAR.match(self._buf)
+        if first and first.group(1) == "{" and "\n" not in text and text.rstrip()[-1:] != "}":
+            # No message ends in these bytes (QEMU ends each with a newline):
+            # a large reply comes in many reads, and decoding what has come
+            # so far at each would cost time quadratic in its size.
+            if len(self._buf) > MAX_MESSAGE:
+                raise ProtocolError("message too large or not valid JSON")
+            return out
         buf, pos, end = self._buf, 0, len(self._buf)
         while True:
             while pos < end and buf[pos] in _JSON_SPACE:
