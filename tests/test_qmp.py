@@ -522,6 +522,28 @@ def test_decoder_one_byte_at_a_time() -> None:
     assert decoder.pending == ""
 
 
+def test_decoder_decodes_a_large_reply_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply spread over many reads is decoded when its end has come, not
+    from its start after every read (which costs time quadratic in its size)."""
+    reply = {"return": [{"name": f"p{i}", "type": "int", "value": i} for i in range(20000)]}
+    data = json.dumps(reply).encode() + b"\r\n"
+    decoder = JSONStreamDecoder()
+    calls: list[int] = []
+    real = decoder._decoder.raw_decode
+
+    def counted(text: str, pos: int = 0) -> tuple[Any, int]:
+        calls.append(pos)
+        return real(text, pos)
+
+    monkeypatch.setattr(decoder._decoder, "raw_decode", counted)
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(data), 65536):
+        out.extend(decoder.feed(data[i : i + 65536]))
+    assert len(data) > 10 * 65536
+    assert out == [reply]
+    assert len(calls) == 1
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
