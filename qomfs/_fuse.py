@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Any
 
 _forced = os.environ.get("QOMFS_FUSE", "")
@@ -43,6 +44,19 @@ FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 
 
 _BaseFUSE: Any = _binding.FUSE
+_pinned = threading.local()
+
+
+def _pin_thread_state() -> None:
+    """Keep this libfuse thread's Python thread state between callbacks.
+
+    A ctypes callback on a thread Python did not start makes a thread state
+    on entry and destroys it on return (PyGILState_Ensure/Release), each time
+    with its frame stack (an mmap and a munmap): for every FUSE request.  One
+    more Ensure, never released, keeps the state for the thread's life.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _pinned.done = True
 
 
 class _FUSE(_BaseFUSE):  # type: ignore[misc]
@@ -58,6 +72,11 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._templates: dict[int, tuple[dict[str, Any], bytes]] = {}
         super().__init__(*args, **kwargs)  # runs the FUSE loop
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_pinned, "done", False):
+            _pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
