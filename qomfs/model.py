@@ -486,7 +486,7 @@ class QOMTree:
             if missing:
                 # In the background: the walker works through this directory
                 # meanwhile, and waits only for a child it reaches first.
-                self._submit(self._fetch_batch_ahead, missing)
+                self._submit(self._fetch_batch_ahead, missing, self.readahead)
         elif ahead and self.readahead:
             self._ahead_of_listing(listing)
         return list(listing.properties.values())
@@ -695,8 +695,11 @@ class QOMTree:
         for i in range(0, len(todo), MAX_BATCH):
             self._submit(self._fetch_ahead, obj, tuple(todo[i : i + MAX_BATCH]), kind)
 
-    def _fetch_batch_ahead(self, paths: list[str]) -> bool:
-        """The listings (and values) of ``paths``, in one ``qom-list-get``."""
+    def _fetch_batch_ahead(self, paths: list[str], deeper: bool = False) -> bool:
+        """The listings (and values) of ``paths``, in one ``qom-list-get``;
+        ``deeper``: once they come, those of their child objects too (the
+        walker, going into the first of ``paths``, then finds its child
+        objects listed or on their way)."""
         if self._stalled():
             self._ahead_done()
             return True
@@ -724,6 +727,14 @@ class QOMTree:
             finally:
                 for path in claimed:
                     self._listings.finish(path, got.get(path), started, generation)
+                if deeper and got:
+                    below = [
+                        path
+                        for listing in got.values()
+                        for path in self._unlisted(listing.path, listing.names(Kind.OBJECT))
+                    ]
+                    if below:
+                        self._submit(self._fetch_batch_ahead, below[:BATCH_CHUNK])
                 self._ahead_done()
             self._pump()
 

@@ -350,6 +350,23 @@ def test_batch_readdir_prefetches_children(eb: Env) -> None:
     assert eb.fake.command_counts().get("qom-get", 0) == 0
 
 
+@pytest.mark.parametrize("readahead", [True, False])
+def test_batch_readdir_lists_two_levels_ahead(eb: Env, readahead: bool) -> None:
+    """Listing a directory brings its child objects' listings and, once they
+    come, theirs: the walker going into the first child finds its own
+    listed.  With --no-readahead, only the first level."""
+    tree = QOMTree(eb.client, ttl=1.0, readahead=readahead, clock=eb.clock)
+    tree.readdir("/machine")
+    assert tree.quiesce()
+    below = ["/machine/q35/pcie.0", NIC0, f"{PERIPHERAL}/nic1"]
+    assert eb.spent() == {"qom-list-get": 3 if readahead else 2}
+    assert all(tree._listings.peek(path)[0] is readahead for path in below)
+    for path in below:
+        tree.readdir(path, ahead=False)
+    # (Without, nic0's listing brings nic1's, its next sibling.)
+    assert eb.spent() == ({} if readahead else {"qom-list-get": 2})
+
+
 def test_batch_readdir_of_a_leaf_is_one_command(eb: Env) -> None:
     eb.tree.readdir(NIC0)
     assert eb.spent() == {"qom-list-get": 1}
@@ -360,6 +377,7 @@ def test_batch_readdir_of_a_leaf_is_one_command(eb: Env) -> None:
 
 def test_batch_unreadable_property_still_asks(eb: Env) -> None:
     eb.tree.readdir("/machine")
+    assert eb.tree.quiesce()
     eb.spent()
     assert eb.tree.get("/machine/smp") == {"cpus": 1, "sockets": 1}
     assert eb.spent() == {}
@@ -452,37 +470,47 @@ def test_readlink(e: Env) -> None:
 # --- invalidation while a batch is in flight (bugs) -------------------------------
 
 
-def run_during_batch(e: Env, monkeypatch: pytest.MonkeyPatch, action: Any) -> None:
+def run_during_batch(
+    e: Env, monkeypatch: pytest.MonkeyPatch, action: Any, among: str | None = None
+) -> list[threading.Thread]:
     """Run ``action`` in another thread right after the first qom-list-get
-    was sent: waited for (its reply arrived) or sent ahead (its reply may
-    come before or after what ``action`` causes).
+    (the first for ``among``, if given) was sent: waited for (its reply
+    arrived) or sent ahead (its reply may come before or after what
+    ``action`` causes).
 
     That is the interleaving of a write (or a DEVICE_DELETED) racing a
-    directory listing, made deterministic.
+    directory listing, made deterministic.  Sent by the QMP reader thread,
+    which ``action`` needs, it is not waited for: the caller joins the
+    threads returned.
     """
     real_execute, real_submit = e.client.execute, e.client.submit
     done: list[bool] = []
+    threads: list[threading.Thread] = []
 
-    def during(command: str) -> None:
-        if command == "qom-list-get" and not done:
+    def during(command: str, arguments: Any) -> None:
+        paths = (arguments or {}).get("paths", [])
+        if command == "qom-list-get" and not done and (among is None or among in paths):
             done.append(True)
             other = threading.Thread(target=action)
+            threads.append(other)
             other.start()
-            other.join(5)
+            if threading.current_thread().name != "qmp-reader":
+                other.join(5)
 
     def execute(command: str, arguments: Any = None, timeout: Any = None) -> Any:
         reply = real_execute(command, arguments, timeout)
-        during(command)
+        during(command, arguments)
         return reply
 
     def submit(calls: list[tuple[str, Any]], callback: Any) -> bool:
         sent = real_submit(calls, callback)
         if sent:
-            during(calls[0][0])
+            during(*calls[0])
         return sent
 
     monkeypatch.setattr(e.client, "execute", execute)
     monkeypatch.setattr(e.client, "submit", submit)
+    return threads
 
 
 def test_write_during_batch_is_not_undone(eb: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,12 +527,14 @@ def test_device_deleted_during_prefetch(eb: Env, monkeypatch: pytest.MonkeyPatch
         eb.fake.delete(NIC0)
         assert deleted.wait(3)
 
-    eb.tree.readdir("/machine")  # caches /machine; its prefetch lists q35 + peripheral
+    threads = run_during_batch(eb, monkeypatch, delete, among=NIC0)
+    # /machine; ahead, q35 and peripheral; then pcie.0, nic0 and nic1, while
+    # nic0 is deleted.
+    eb.tree.readdir("/machine")
     assert eb.tree.quiesce()
-    eb.spent()
-    run_during_batch(eb, monkeypatch, delete)
-    eb.tree.readdir(PERIPHERAL)  # cached; prefetches nic0 + nic1, nic0 then deleted
-    assert eb.tree.quiesce()
-    assert eb.spent() == {"qom-list-get": 1}
+    (thread,) = threads
+    thread.join(5)
+    assert deleted.wait(0)
+    assert eb.spent() == {"qom-list-get": 3}
     with pytest.raises(NotFound):
         eb.tree.lookup(f"{NIC0}/mac")
