@@ -615,13 +615,12 @@ class QOMTree:
         """``listing`` was just read by ``readdir``: fetch what a walker
         reads next (the next objects it lists, this object's entries)."""
         path = listing.path
-        walks = self._walks()
         if path != "/":
             parent, name = split(path)
             siblings = self._listings.peek(parent)[1]
             if siblings is not None:
                 self._walk_read(siblings, name, Kind.OBJECT)
-                walks = self._walks()
+        walks = self._walks()
         for kind, order in walks:
             if kind is Kind.OBJECT:
                 self._list_ahead(path, order)
@@ -637,10 +636,9 @@ class QOMTree:
         depth-first walker at ``path`` lists, as far as the cache can tell."""
         todo: dict[str, list[str]] = {}
         for nxt in itertools.islice(self._preorder_after(path, order), READAHEAD):
-            if not self._listings.peek(nxt)[0]:
-                parent, name = split(nxt)
-                todo.setdefault(parent, []).append(name)
-        for parent, names in todo.items():
+            parent, name = split(nxt)
+            todo.setdefault(parent, []).append(name)
+        for parent, names in todo.items():  # (what is cached, _prefetch skips)
             self._prefetch(parent, tuple(names), Kind.OBJECT)
 
     def _preorder_after(self, path: str, order: int) -> Iterator[str]:
@@ -738,11 +736,8 @@ class QOMTree:
                 self._ahead_done()
             self._pump()
 
-        if self.client.submit([("qom-list-get", {"paths": claimed})], answered):
-            return True
-        for path in claimed:
-            self._listings.finish(path, None, started, generation)
-        return False
+        calls: list[tuple[str, dict[str, Any] | None]] = [("qom-list-get", {"paths": claimed})]
+        return self._send_claimed(self._listings, claimed, generation, started, calls, answered)
 
     def _ahead_failed(self, what: str, err: QomfsError) -> None:
         log.debug("read-ahead of %s: %s", what, err)
@@ -838,6 +833,20 @@ class QOMTree:
             else ("qom-get", {"path": key[0], "property": key[1]})
             for key in claimed
         ]
+        return self._send_claimed(cache, claimed, generation, started, calls, answered)
+
+    def _send_claimed(
+        self,
+        cache: TTLCache[Any, Any],
+        claimed: list[Any],
+        generation: int,
+        started: float,
+        calls: list[tuple[str, dict[str, Any] | None]],
+        answered: Callable[[int, Any], None],
+    ) -> bool:
+        """Submit ``calls`` for the keys ``claimed`` in ``cache``; when the
+        client has no room, end those fetches empty-handed (their waiters
+        ask themselves) and return False, to be queued again."""
         if self.client.submit(calls, answered):
             return True
         for key in claimed:
@@ -856,7 +865,6 @@ class QOMTree:
             walks = self._walks()
             for listing in got.values():
                 self._ahead_of_listed(listing, walks)
-
         self._ahead_done()
 
     def close(self) -> None:

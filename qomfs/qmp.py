@@ -20,6 +20,7 @@ import codecs
 import collections
 import contextlib
 import enum
+import functools
 import json
 import logging
 import math
@@ -495,28 +496,37 @@ class QMPClient:
                 return False
             self._async += taken
 
-        def answered(index: int, command: str, arguments: dict[str, Any] | None) -> Any:
-            def settled(pending: _Pending) -> None:
-                with self._async_lock:
-                    self._async -= 1
-                self._in_flight.release()
-                try:
-                    result = _result(command, arguments, pending)
-                except QMPError as err:
-                    result = err
-                try:
-                    callback(index, result)
-                except Exception:
-                    log.exception("callback for %r failed", command)
-
-            return settled
-
         pendings = [
-            _Pending(command, answered(i, command, arguments), self.timeout)
+            _Pending(
+                command,
+                functools.partial(self._answered, callback, i, command, arguments),
+                self.timeout,
+            )
             for i, (command, arguments) in enumerate(calls)
         ]
         self._send(conn, pendings, data)
         return True
+
+    def _answered(
+        self,
+        callback: Callable[[int, Any], None],
+        index: int,
+        command: str,
+        arguments: dict[str, Any] | None,
+        pending: _Pending,
+    ) -> None:
+        """A submitted command is settled: free its slot, tell ``callback``."""
+        with self._async_lock:
+            self._async -= 1
+        self._in_flight.release()
+        try:
+            result = _result(command, arguments, pending)
+        except QMPError as err:
+            result = err
+        try:
+            callback(index, result)
+        except Exception:
+            log.exception("callback for %r failed", command)
 
     def has_room(self, count: int) -> bool:
         """Whether :meth:`submit` of ``count`` commands would find free slots
