@@ -57,6 +57,13 @@ class TTLCache(Generic[K, V]):
                 return True, hit[1]
         return False, None
 
+    def fetched_at(self, key: K) -> float | None:
+        """When the fresh value cached for ``key`` was fetched (None if none)."""
+        with self._lock:
+            hit = self._data.get(key)
+            now = self.clock()
+        return hit[0] - self.ttl if hit is not None and now < hit[0] else None
+
     def last(self, key: K) -> V | None:
         """The value last stored for ``key``, fresh or expired (None if none,
         or dropped by :meth:`invalidate`)."""

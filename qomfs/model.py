@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import heapq
 import itertools
 import logging
 import posixpath
@@ -75,6 +76,16 @@ READAHEAD_LISTED = 64
 READAHEAD_QUEUE = 256
 #: With ``qom-list-get``: child objects listed per command, ahead of a walker.
 BATCH_CHUNK = 64
+#: With ``qom-list-get``, during a walk of objects: at most this many
+#: listings fetched ahead of the walker (in flight, or come and not yet read
+#: by it) ...
+SUBTREE_WINDOW = 16 * BATCH_CHUNK
+#: ... and none while the next it reads has waited for it this part of the
+#: TTL (so that what it reads last is not stale by then) ...
+SUBTREE_LAG = 0.5
+#: ... in at most this many commands at a time: the objects found meanwhile
+#: make the next command's batch.
+SUBTREE_FLIGHTS = 2
 
 
 class Kind(enum.Enum):
@@ -165,6 +176,13 @@ class Listing:
     def names(self, kind: Kind) -> tuple[str, ...]:
         """The names of one kind of entry, in QEMU's order."""
         return self._groups[kind]
+
+    def index(self, name: str, order: int) -> int | None:
+        """Where ``name`` is among the names of its kind in ``order``."""
+        hit = self._order.get(name)
+        if hit is None:
+            return None
+        return hit[1] if order & QEMU_ORDER else hit[3]
 
     def in_order(self, kind: Kind, order: int) -> tuple[str, ...]:
         """The names of one kind of entry in ``order`` (QEMU's if it has
@@ -349,6 +367,18 @@ class QOMTree:
         self._ra_pending = 0  # read-ahead queued or under way
         self._ra_stalled_until = float("-inf")  # no read-ahead before then
         self._ra_idle = threading.Condition(self._ra_lock)
+        # With qom-list-get, during a walk of objects: the objects to list,
+        # a heap by their place in the walker's order; that of the object it
+        # listed last; the objects listed ahead and not yet read, with when;
+        # and how many are in flight.
+        self._frontier: list[tuple[tuple[int, ...], str]] = []
+        self._frontier_order = 0
+        self._walker_at: tuple[int, ...] = ()
+        self._unread: dict[str, float] = {}
+        self._unread_places: list[tuple[tuple[int, ...], str]] = []  # a heap
+        self._descended: set[str] = set()  # whose child objects it has had
+        self._frontier_flight = 0
+        self._frontier_sent = 0  # commands
         # The path of the latest listing fetched, and when it was asked for.
         self._latest: tuple[str, float] = ("", float("-inf"))
         self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
@@ -407,18 +437,18 @@ class QOMTree:
     def _fetch_listing(self, path: str) -> Listing:
         if self.batch and self.ttl > 0:
             # A walker that reaches an object not yet listed gets the next
-            # siblings' listings in the same command.
+            # siblings' listings in the same command (in its order, if known).
             parent, name = split(path)
             siblings = self._listings.peek(parent)[1] if path != "/" else None
-            ahead = (
-                siblings.following(name, BATCH_CHUNK - 1, QEMU_ORDER | SORTED) if siblings else ()
-            )
+            order = self._walk_order(Kind.OBJECT) or QEMU_ORDER | SORTED
+            ahead = siblings.following(name, BATCH_CHUNK - 1, order) if siblings else ()
             more = self._unlisted(parent, ahead)[: BATCH_CHUNK - 1]
             started, generation = self._clock(), self._listings.generation
             listings = self._fetch_batch([path, *more]) if more else []
             if listings:
                 for child in listings[1:]:
                     self._listings.put(child.path, child, started, generation)
+                self._walked_into(listings)
                 return listings[0]
             listings = self._fetch_batch([path])
             if listings:
@@ -482,8 +512,15 @@ class QOMTree:
         """
         listing = self.listing(path)
         if ahead and self.batch and self.ttl > 0:
+            order, ahead_of_it = self._object_walk(path) if self.readahead else (0, False)
             missing = self._unlisted(path, listing.names(Kind.OBJECT))[:BATCH_CHUNK]
-            if missing:
+            if order:
+                # A walker goes through the whole subtree: list it, a level
+                # at a time and depth first, a window ahead of the walker
+                # (already under way if this listing came so).
+                if not ahead_of_it:
+                    self._walk_from(listing, order)
+            elif missing:
                 # In the background: the walker works through this directory
                 # meanwhile, and waits only for a child it reaches first.
                 self._submit(self._fetch_batch_ahead, missing, self.readahead)
@@ -591,9 +628,21 @@ class QOMTree:
             if len(self._ra_seen) > 4096:
                 self._ra_seen = {k: v for k, v in self._ra_seen.items() if now - v[0] < self.ttl}
             if run >= WALK_RUN:
+                # Reads that fit both orders keep the one the walk had.
+                until, was = self._ra_walks.get(kind, (0.0, 0))
+                if until > now and order & was:
+                    order &= was
+                elif until <= now and kind is Kind.OBJECT:
+                    self._forget_frontier()  # a new walk
                 self._ra_walks[kind] = (now + self.ttl, order)
             until, walk_order = self._ra_walks.get(kind, (0.0, 0))
             return walk_order if until > now else 0
+
+    def _walk_order(self, kind: Kind) -> int:
+        """The order of the walk of ``kind`` going on (0: none)."""
+        with self._ra_lock:
+            until, order = self._ra_walks.get(kind, (0.0, 0))
+        return order if until > self._clock() else 0
 
     def _walks(self) -> list[tuple[Kind, int]]:
         """The walks going on: (kind, order)."""
@@ -611,16 +660,50 @@ class QOMTree:
             if order:
                 self._prefetch(obj, listing.following(name, READAHEAD, order), prop.kind)
 
+    def _listed_by_walker(self, path: str) -> list[tuple[Kind, int]]:
+        """Note that ``readdir`` listed ``path``; the walks going on."""
+        if path != "/":
+            parent, name = split(path)
+            # (Expired or not: it tells the order of the siblings.)
+            siblings = self._listings.last(parent)
+            if siblings is not None:
+                self._walk_read(siblings, name, Kind.OBJECT)
+        return self._walks()
+
+    def _object_walk(self, path: str) -> tuple[int, bool]:
+        """Note that ``readdir`` listed ``path``: the order of the walk of
+        objects going on (0: none), and whether the listing came ahead of
+        the walker, with the frontier."""
+        walks = self._listed_by_walker(path)
+        order = next((order for kind, order in walks if kind is Kind.OBJECT), 0)
+        at = self._place(path, order) if order else None
+        with self._ra_lock:
+            ahead = self._unread.pop(path, None) is not None
+            if at is not None:
+                self._walker_at = at
+        return order, ahead
+
+    def _place(self, path: str, order: int) -> tuple[int, ...] | None:
+        """Where a depth-first walker in ``order`` lists ``path``: the index
+        of each of its ancestors and of itself among their siblings, as far
+        as cached listings (even expired) tell; they compare as the walker
+        goes."""
+        place: list[int] = []
+        while path != "/":
+            parent, name = split(path)
+            listing = self._listings.last(parent)
+            index = listing.index(name, order) if listing is not None else None
+            if index is None:
+                return None
+            place.append(index)
+            path = parent
+        return tuple(reversed(place))
+
     def _ahead_of_listing(self, listing: Listing) -> None:
         """``listing`` was just read by ``readdir``: fetch what a walker
         reads next (the next objects it lists, this object's entries)."""
         path = listing.path
-        if path != "/":
-            parent, name = split(path)
-            siblings = self._listings.peek(parent)[1]
-            if siblings is not None:
-                self._walk_read(siblings, name, Kind.OBJECT)
-        walks = self._walks()
+        walks = self._listed_by_walker(path)
         for kind, order in walks:
             if kind is Kind.OBJECT:
                 self._list_ahead(path, order)
@@ -693,11 +776,119 @@ class QOMTree:
         for i in range(0, len(todo), MAX_BATCH):
             self._submit(self._fetch_ahead, obj, tuple(todo[i : i + MAX_BATCH]), kind)
 
-    def _fetch_batch_ahead(self, paths: list[str], deeper: bool = False) -> bool:
+    def _walk_from(self, listing: Listing, order: int) -> None:
+        """A walker in ``order`` lists ``listing``, which did not come ahead
+        of it: put on the frontier its child objects, its next siblings and
+        the child objects of those already listed (marked as seen to, but
+        with no say in how far ahead the walk is listed: they were listed
+        otherwise)."""
+        listings, seen = [listing], {}
+        if listing.path != "/":
+            parent_path, name = split(listing.path)
+            parent = self._listings.last(parent_path)
+            if parent is not None:
+                listings.append(parent)
+                for sibling in itertools.islice(parent.after(name, order), 2 * BATCH_CHUNK):
+                    path = join(parent_path, sibling)
+                    found, fetched = self._listings.peek(path)[1], self._listings.fetched_at(path)
+                    if found is not None and fetched is not None and path not in self._unread:
+                        listings.append(found)
+                        seen[path] = fetched
+        self._descend(listings, order)
+        with self._ra_lock:
+            self._unread.update(seen)
+
+    def _descend(self, listings: Sequence[Listing], order: int, ahead: bool = False) -> None:
+        """Add the child objects of ``listings`` not yet listed to the
+        frontier of a walk of objects in ``order``; ``ahead``: ``listings``
+        came ahead of the walker (and wait for it)."""
+        todo, unread = [], []
+        with self._ra_lock:
+            listings = [it for it in listings if it.path not in self._descended]
+            self._descended.update(it.path for it in listings)
+        for listing in listings:
+            place = self._place(listing.path, order)
+            if place is None:
+                continue
+            fetched = self._listings.fetched_at(listing.path) if ahead else None
+            if fetched is not None:
+                unread.append((place, listing.path, fetched))
+            for index, name in enumerate(listing.in_order(Kind.OBJECT, order)):
+                path = join(listing.path, name)
+                if not self._listings.peek(path)[0]:
+                    todo.append(((*place, index), path))
+        if order != self._frontier_order:
+            self._reorder(order)
+        with self._ra_lock:
+            for place, path, fetched in unread:
+                self._unread[path] = fetched
+                heapq.heappush(self._unread_places, (place, path))
+            for item in todo:
+                heapq.heappush(self._frontier, item)
+        if todo:
+            self._pump()
+
+    def _reorder(self, order: int) -> None:
+        """The walk goes on in another ``order``: place the frontier and what
+        waits for the walker anew."""
+        with self._ra_lock:
+            self._frontier_order = order
+            heaps = [self._frontier, self._unread_places]
+            paths = [[path for _, path in heap] for heap in heaps]
+        placed = [[(self._place(path, order), path) for path in some] for some in paths]
+        with self._ra_lock:
+            for heap, items in zip(heaps, placed, strict=True):
+                heap[:] = [(place, path) for place, path in items if place is not None]
+                heapq.heapify(heap)
+
+    def _forget_frontier(self) -> None:
+        """Under ``_ra_lock``: drop what a walk of objects had."""
+        self._frontier.clear()
+        self._unread.clear()
+        self._unread_places.clear()
+        self._descended.clear()
+
+    def _next_of_frontier(self) -> list[str] | None:
+        """The next :data:`BATCH_CHUNK` objects of the frontier in the
+        walker's order, unless it is a window behind (or walks no more).
+        Under ``_ra_lock``."""
+        if not self._frontier or self._frontier_sent >= SUBTREE_FLIGHTS:
+            return None
+        now = self._clock()
+        if self._ra_walks.get(Kind.OBJECT, (0.0, 0))[0] <= now:
+            self._forget_frontier()  # the walk is over
+            return None
+        # The next object the walker reads of those listed ahead of it: if
+        # it has waited long, the walker is slow; wait for it.
+        while self._unread_places:
+            place, path = self._unread_places[0]
+            fetched = self._unread.get(path)
+            if fetched is not None and place > self._walker_at and now - fetched < self.ttl:
+                if now - fetched >= self.ttl * SUBTREE_LAG:
+                    return None
+                break
+            heapq.heappop(self._unread_places)
+            self._unread.pop(path, None)  # read, gone past, or stale
+        if len(self._unread) + self._frontier_flight >= SUBTREE_WINDOW:
+            return None
+        chunk: dict[str, None] = {}
+        while self._frontier and len(chunk) < BATCH_CHUNK:
+            place, path = heapq.heappop(self._frontier)
+            if place > self._walker_at:  # (else the walker has gone past it)
+                chunk[path] = None
+        if not chunk:
+            return None
+        self._ra_pending += 1
+        return list(chunk)
+
+    def _fetch_batch_ahead(
+        self, paths: list[str], deeper: bool = False, subtree: bool = False
+    ) -> bool:
         """The listings (and values) of ``paths``, in one ``qom-list-get``;
         ``deeper``: once they come, those of their child objects too (the
         walker, going into the first of ``paths``, then finds its child
-        objects listed or on their way)."""
+        objects listed or on their way).  ``subtree``: a chunk of the
+        frontier of a walk, whose child objects go on the frontier."""
         if self._stalled():
             self._ahead_done()
             return True
@@ -708,6 +899,10 @@ class QOMTree:
             self._ahead_done()
             return True
         started, values_generation = self._clock(), self._values.generation
+        if subtree:
+            with self._ra_lock:
+                self._frontier_flight += len(claimed)
+                self._frontier_sent += 1
 
         def answered(_: int, result: Any) -> None:
             got: dict[str, Listing] = {}
@@ -725,7 +920,9 @@ class QOMTree:
             finally:
                 for path in claimed:
                     self._listings.finish(path, got.get(path), started, generation)
-                if deeper and got:
+                if subtree:
+                    self._frontier_arrived(len(claimed), got, started)
+                elif deeper and got:
                     below = [
                         path
                         for listing in got.values()
@@ -737,7 +934,26 @@ class QOMTree:
             self._pump()
 
         calls: list[tuple[str, dict[str, Any] | None]] = [("qom-list-get", {"paths": claimed})]
-        return self._send_claimed(self._listings, claimed, generation, started, calls, answered)
+        if self._send_claimed(self._listings, claimed, generation, started, calls, answered):
+            return True
+        if subtree:
+            with self._ra_lock:
+                self._frontier_flight -= len(claimed)
+                self._frontier_sent -= 1
+        return False
+
+    def _frontier_arrived(self, sent: int, got: dict[str, Listing], started: float) -> None:
+        with self._ra_lock:
+            self._frontier_flight -= sent
+            self._frontier_sent -= 1
+        self._walked_into(list(got.values()))
+
+    def _walked_into(self, listings: Sequence[Listing]) -> None:
+        """During a walk of objects, ``listings`` came ahead of the walker:
+        they wait for it, and their child objects go on the frontier."""
+        order = self._walk_order(Kind.OBJECT)
+        if order and listings:
+            self._descend(listings, order, ahead=True)
 
     def _ahead_failed(self, what: str, err: QomfsError) -> None:
         log.debug("read-ahead of %s: %s", what, err)
@@ -764,12 +980,17 @@ class QOMTree:
         self._pump()
 
     def _pump(self) -> None:
-        """Send queued read-ahead while the client has room for it."""
+        """Send queued read-ahead while the client has room for it, then the
+        frontier of a walk of objects."""
         while True:
             with self._ra_lock:
-                if not self._ra_queue:
-                    return
-                send, args = self._ra_queue.popleft()
+                if self._ra_queue:
+                    send, args = self._ra_queue.popleft()
+                else:
+                    chunk = self._next_of_frontier()
+                    if chunk is None:
+                        return
+                    send, args = self._fetch_batch_ahead, (chunk, False, True)
             if not send(*args):
                 with self._ra_lock:
                     self._ra_queue.appendleft((send, args))
@@ -873,6 +1094,7 @@ class QOMTree:
             dropped, self._ra_queue = len(self._ra_queue), collections.deque()
             self._ra_pending -= dropped
             self._ra_busy.clear()
+            self._forget_frontier()
             if not self._ra_pending:
                 self._ra_idle.notify_all()
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from qomfs.errors import CommandTimeout, NotReadable, ReadFailed
-from qomfs.model import READAHEAD, QOMTree
+from qomfs.model import BATCH_CHUNK, READAHEAD, SUBTREE_LAG, SUBTREE_WINDOW, QOMTree
 from qomfs.qmp import MAX_ASYNC, QMPClient
 from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
 from tests.test_cache import FakeClock
@@ -30,8 +30,8 @@ def settle(tree: QOMTree, spent: Spent) -> dict[str, int]:
     return spent()
 
 
-def wide_tree() -> Tree:
-    """/objects with N_CHILDREN objects m0..m99, two properties each."""
+def wide_tree(n: int = N_CHILDREN) -> Tree:
+    """/objects with ``n`` objects m0..m99, two properties each."""
     tree: Tree = {
         "/": [
             {"name": "type", "type": "string", "value": "container"},
@@ -39,7 +39,7 @@ def wide_tree() -> Tree:
         ],
         "/objects": [{"name": "type", "type": "string", "value": "container"}],
     }
-    for i in range(N_CHILDREN):
+    for i in range(n):
         tree["/objects"].append({"name": f"m{i}", "type": "child<memory-backend-ram>"})
         tree[f"/objects/m{i}"] = [
             {"name": "type", "type": "string", "value": "memory-backend-ram"},
@@ -224,4 +224,87 @@ def test_read_ahead_stops_while_qemu_does_not_answer() -> None:
         assert stalled <= MAX_ASYNC, stalled
         with pytest.raises(CommandTimeout):  # the walker itself sees it
             tree.get("/big/p70")
+        tree.close()
+
+
+def regions_tree(n: int = N_CHILDREN) -> Tree:
+    """:func:`wide_tree` with a child object in each mN (its memory region),
+    as each memory backend of a big VM has."""
+    tree = wide_tree(n)
+    for i in range(n):
+        tree[f"/objects/m{i}"].append({"name": "region", "type": "child<memory-region>"})
+        tree[f"/objects/m{i}/region"] = [{"name": "size", "type": "uint64", "value": 1 << 20}]
+    return tree
+
+
+def preorder(objects: Tree, path: str = "/", sort: bool = True) -> Iterator[str]:
+    """The objects in the order ``ls -R`` (sorted) or ``find`` lists them."""
+    yield path
+    names = [p["name"] for p in objects[path] if p["type"].startswith("child<")]
+    for name in sorted(names) if sort else names:
+        yield from preorder(objects, path.rstrip("/") + "/" + name, sort)
+
+
+@pytest.mark.parametrize("sort", [True, False], ids=["ls-R", "find"])
+def test_batch_walk_lists_the_subtree_ahead_in_chunks(sort: bool) -> None:
+    """With qom-list-get, once two neighbours have been listed, the walker
+    finds every next object listed: the rest of the tree comes a level at a
+    time, 64 objects a command, in the walker's order."""
+    objects = regions_tree()
+    order = list(preorder(objects, sort=sort))
+    with (
+        FakeQMP(objects, commands=WITH_BATCH) as fake,
+        QMPClient(fake.path, timeout=3) as client,
+    ):
+        tree, spent = QOMTree(client, ttl=30, clock=FakeClock()), Spent(client)
+        walk_from = order.index("/objects/m1") + 1  # m0, m1: a walk
+        for i, path in enumerate(order):
+            if i >= walk_from:
+                assert listed(tree, path), path
+            tree.readdir(path)
+            settle(tree, spent)
+        # 202 objects, each listed once, at most 64 a command.  Without a
+        # walk yet: the root; /objects; its first 64 mN and, at readdir of
+        # /objects, the other 36 and their regions; m0's region.  Then
+        # the walk: the 63 regions left, in one.
+        paths = [
+            path
+            for request in fake.requests
+            if request.get("execute") == "qom-list-get"
+            for path in request["arguments"]["paths"]
+        ]
+        assert sorted(paths) == sorted(order)
+        used = client.command_counts()["qom-list-get"]
+        assert used == 7, used
+        tree.close()
+
+
+def test_batch_walk_stays_near_a_slow_walker() -> None:
+    """What is listed ahead of a walker is at most SUBTREE_WINDOW objects,
+    and nothing more while what it reads next has waited half the TTL."""
+    objects = regions_tree(700)
+    order = list(preorder(objects))
+    clock = FakeClock()
+    with (
+        FakeQMP(objects, commands=WITH_BATCH) as fake,
+        QMPClient(fake.path, timeout=3) as client,
+    ):
+        tree, spent = QOMTree(client, ttl=30, clock=clock), Spent(client)
+        for i, path in enumerate(order[:10]):
+            tree.readdir(path)
+            settle(tree, spent)
+            ahead = sum(listed(tree, p) for p in order[i + 1 :])
+            assert ahead <= SUBTREE_WINDOW + 2 * BATCH_CHUNK, ahead
+        assert ahead >= SUBTREE_WINDOW, ahead  # (the walk is on)
+        clock.advance(30 * SUBTREE_LAG)
+        for path in order[10:20]:
+            assert listed(tree, path)
+            tree.readdir(path)
+        assert settle(tree, spent) == {}
+        # Once the walker has read what waited, the listing ahead goes on.
+        rest = order[20:]
+        for path in rest:
+            tree.readdir(path)
+        settle(tree, spent)
+        assert sum(listed(tree, p) for p in order) == len(order)
         tree.close()
