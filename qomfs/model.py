@@ -11,9 +11,9 @@ after QEMU was asked, whether a reader asked or the read-ahead did.  A write
 drops what it may have changed; a ``DEVICE_DELETED`` event drops the device's
 subtree at once; a reconnection drops everything.
 
-Read-ahead (see the section of :class:`QOMTree` so named) fetches in
-background threads what a walker such as ``grep -r`` or ``ls -R`` reads next,
-so that QEMU answers while the walker is busy with FUSE.
+Read-ahead (see the section of :class:`QOMTree` so named) fetches in the
+background what a walker such as ``grep -r`` or ``ls -R`` reads next, so that
+QEMU answers while the walker is busy with FUSE.
 """
 
 from __future__ import annotations
@@ -437,11 +437,12 @@ class QOMTree:
     def _fetch_listing(self, path: str) -> Listing:
         if self.batch and self.ttl > 0:
             # A walker that reaches an object not yet listed gets the next
-            # siblings' listings in the same command (in its order, if known).
+            # siblings' listings in the same command, in its order.  (A
+            # lookup that is no walk, cat's say, gets just the one.)
             parent, name = split(path)
             siblings = self._listings.peek(parent)[1] if path != "/" else None
-            order = self._walk_order(Kind.OBJECT) or QEMU_ORDER | SORTED
-            ahead = siblings.following(name, BATCH_CHUNK - 1, order) if siblings else ()
+            order = self._walk_order(Kind.OBJECT)
+            ahead = siblings.following(name, BATCH_CHUNK - 1, order) if siblings and order else ()
             more = self._unlisted(parent, ahead)[: BATCH_CHUNK - 1]
             started, generation = self._clock(), self._listings.generation
             listings = self._fetch_batch([path, *more]) if more else []
@@ -609,6 +610,11 @@ class QOMTree:
     #   of the next READAHEAD objects in that walker's order, as far as the
     #   listings cached tell (an object not yet listed counts as having no
     #   child objects; once listed, its own come before its siblings).
+    # With qom-list-get (listings with values), a walk of objects is listed
+    # as a whole: the child objects of each listing that comes go on a
+    # frontier, a heap by where the walker lists them, which is sent 64
+    # objects a command, at most SUBTREE_FLIGHTS commands at a time, and a
+    # window ahead of the walker (SUBTREE_WINDOW, SUBTREE_LAG).
 
     def _walk_read(self, listing: Listing, name: str, kind: Kind) -> int:
         """Note a read of ``name`` (of ``kind``) in ``listing``'s object;
@@ -921,7 +927,7 @@ class QOMTree:
                 for path in claimed:
                     self._listings.finish(path, got.get(path), started, generation)
                 if subtree:
-                    self._frontier_arrived(len(claimed), got, started)
+                    self._frontier_arrived(len(claimed), got)
                 elif deeper and got:
                     below = [
                         path
@@ -942,7 +948,7 @@ class QOMTree:
                 self._frontier_sent -= 1
         return False
 
-    def _frontier_arrived(self, sent: int, got: dict[str, Listing], started: float) -> None:
+    def _frontier_arrived(self, sent: int, got: dict[str, Listing]) -> None:
         with self._ra_lock:
             self._frontier_flight -= sent
             self._frontier_sent -= 1

@@ -84,3 +84,33 @@ def test_no_batch_uses_qom_list_and_qom_get(vm11: VM, tmp_path: Path) -> None:
         spent = m.stats()["commands"]
         assert "qom-list-get" not in spent
         assert spent["qom-get"] >= 1 and spent["qom-list"] >= 1
+
+
+@pytest.mark.parametrize(
+    "walker", [["ls", "-R", "."], ["find", ".", "-type", "d"]], ids=["ls-R", "find"]
+)
+def test_walks_list_many_objects_a_command(
+    mnt11: Mount, tree11: dict[str, list[dict[str, str]]], walker: list[str]
+) -> None:
+    """A recursive walk gets the tree a level at a time, up to 64 objects a
+    qom-list-get, in the order it lists them: far fewer commands than
+    objects."""
+    time.sleep(1.2)  # past the TTL: a cold walk
+    before = mnt11.commands()
+    done = subprocess.run(
+        walker,
+        cwd=mnt11.path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    assert done.returncode == 0, done.stderr
+    spent = mnt11.settled_commands() - before
+    # Every object, once: a directory line of find, a heading of ls -R.
+    lines = done.stdout.splitlines()
+    seen = [line for line in lines if line.endswith(":")] if walker[0] == "ls" else lines
+    assert len(seen) == len(tree11)
+    depth = max(path.count("/") for path in tree11)
+    # 64 objects a command, and at worst two part-filled commands a level.
+    assert spent <= len(tree11) // 64 + 2 * (depth + 1), spent
