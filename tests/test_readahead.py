@@ -163,6 +163,17 @@ def nested_tree() -> tuple[Tree, list[str]]:
     return tree, order
 
 
+def walk_finding_listed(tree: QOMTree, spent: Spent, order: list[str], after: str) -> None:
+    """List the objects in ``order``, letting the read-ahead settle after
+    each; check that each one after ``after`` is listed before it is reached."""
+    walk_from = order.index(after) + 1
+    for i, path in enumerate(order):
+        if i >= walk_from:
+            assert listed(tree, path), path
+        tree.readdir(path)
+        settle(tree, spent)
+
+
 def test_listing_walk_goes_depth_first() -> None:
     """Once two neighbours have been listed, each next object a depth-first
     walker lists (a child first, else what follows) is listed before it
@@ -170,12 +181,7 @@ def test_listing_walk_goes_depth_first() -> None:
     objects, order = nested_tree()
     with FakeQMP(objects) as fake, QMPClient(fake.path, timeout=3) as client:
         tree, spent = QOMTree(client, ttl=30, clock=FakeClock()), Spent(client)
-        walk_from = order.index("/top/n0/k1") + 1  # k0, k1: a walk
-        for i, path in enumerate(order):
-            if i >= walk_from:
-                assert listed(tree, path), path
-            tree.readdir(path)
-            settle(tree, spent)
+        walk_finding_listed(tree, spent, order, after="/top/n0/k1")  # k0, k1: a walk
         assert client.command_counts()["qom-list"] == len(order)
         tree.close()
 
@@ -257,12 +263,7 @@ def test_batch_walk_lists_the_subtree_ahead_in_chunks(sort: bool) -> None:
         QMPClient(fake.path, timeout=3) as client,
     ):
         tree, spent = QOMTree(client, ttl=30, clock=FakeClock()), Spent(client)
-        walk_from = order.index("/objects/m1") + 1  # m0, m1: a walk
-        for i, path in enumerate(order):
-            if i >= walk_from:
-                assert listed(tree, path), path
-            tree.readdir(path)
-            settle(tree, spent)
+        walk_finding_listed(tree, spent, order, after="/objects/m1")  # m0, m1: a walk
         # 202 objects, each listed once, at most 64 a command.  Without a
         # walk yet: the root; /objects; its first 64 mN and, at readdir of
         # /objects, the other 36 and their regions; m0's region.  Then
