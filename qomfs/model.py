@@ -78,8 +78,10 @@ READAHEAD_QUEUE = 256
 BATCH_CHUNK = 64
 #: With ``qom-list-get``, during a walk of objects: at most this many
 #: listings fetched ahead of the walker (in flight, or come and not yet read
-#: by it) ...
+#: by it); BATCH_CHUNK at first, and SUBTREE_GROWTH more for each it read
+#: that came so (two neighbours listed may be no walk of the whole tree) ...
 SUBTREE_WINDOW = 16 * BATCH_CHUNK
+SUBTREE_GROWTH = 4
 #: ... and none while the next it reads has waited for it this part of the
 #: TTL (so that what it reads last is not stale by then) ...
 SUBTREE_LAG = 0.5
@@ -377,6 +379,7 @@ class QOMTree:
         self._unread: dict[str, float] = {}
         self._unread_places: list[tuple[tuple[int, ...], str]] = []  # a heap
         self._descended: set[str] = set()  # whose child objects it has had
+        self._frontier_hits = 0  # objects the walker found listed ahead
         self._frontier_flight = 0
         self._frontier_sent = 0  # commands
         # The path of the latest listing fetched, and when it was asked for.
@@ -518,8 +521,11 @@ class QOMTree:
             if order:
                 # A walker goes through the whole subtree: list it, a level
                 # at a time and depth first, a window ahead of the walker
-                # (already under way if this listing came so).
-                if not ahead_of_it:
+                # (already under way if this listing came so: the window
+                # has moved on).
+                if ahead_of_it:
+                    self._pump()
+                else:
                     self._walk_from(listing, order)
             elif missing:
                 # In the background: the walker works through this directory
@@ -685,6 +691,7 @@ class QOMTree:
         at = self._place(path, order) if order else None
         with self._ra_lock:
             ahead = self._unread.pop(path, None) is not None
+            self._frontier_hits += ahead
             if at is not None:
                 self._walker_at = at
         return order, ahead
@@ -853,6 +860,7 @@ class QOMTree:
         self._unread.clear()
         self._unread_places.clear()
         self._descended.clear()
+        self._frontier_hits = 0
 
     def _next_of_frontier(self) -> list[str] | None:
         """The next :data:`BATCH_CHUNK` objects of the frontier in the
@@ -875,7 +883,8 @@ class QOMTree:
                 break
             heapq.heappop(self._unread_places)
             self._unread.pop(path, None)  # read, gone past, or stale
-        if len(self._unread) + self._frontier_flight >= SUBTREE_WINDOW:
+        window = min(SUBTREE_WINDOW, BATCH_CHUNK + SUBTREE_GROWTH * self._frontier_hits)
+        if len(self._unread) + self._frontier_flight >= window:
             return None
         chunk: dict[str, None] = {}
         while self._frontier and len(chunk) < BATCH_CHUNK:

@@ -281,9 +281,10 @@ def test_batch_walk_lists_the_subtree_ahead_in_chunks(sort: bool) -> None:
 
 
 def test_batch_walk_stays_near_a_slow_walker() -> None:
-    """What is listed ahead of a walker is at most SUBTREE_WINDOW objects,
-    and nothing more while what it reads next has waited half the TTL."""
-    objects = regions_tree(700)
+    """What is listed ahead of a walker is little until it finds what was
+    listed for it, then at most SUBTREE_WINDOW objects; and nothing more
+    while what it reads next has waited half the TTL."""
+    objects = regions_tree(1000)
     order = list(preorder(objects))
     clock = FakeClock()
     with (
@@ -291,20 +292,25 @@ def test_batch_walk_stays_near_a_slow_walker() -> None:
         QMPClient(fake.path, timeout=3) as client,
     ):
         tree, spent = QOMTree(client, ttl=30, clock=clock), Spent(client)
-        for i, path in enumerate(order[:10]):
+        first = order.index("/objects/m1") + 1  # m0, m1: a walk, maybe
+        for i, path in enumerate(order[:400]):
             tree.readdir(path)
             settle(tree, spent)
             ahead = sum(listed(tree, p) for p in order[i + 1 :])
             assert ahead <= SUBTREE_WINDOW + 2 * BATCH_CHUNK, ahead
+            if i + 1 == first:
+                # As without a walk: 128 child objects of /objects and 64
+                # of their own (readdir of / and of /objects); 64 more at
+                # most, of the 2,002 objects.
+                assert ahead <= 4 * BATCH_CHUNK, ahead
         assert ahead >= SUBTREE_WINDOW, ahead  # (the walk is on)
         clock.advance(30 * SUBTREE_LAG)
-        for path in order[10:20]:
+        for path in order[400:420]:
             assert listed(tree, path)
             tree.readdir(path)
         assert settle(tree, spent) == {}
         # Once the walker has read what waited, the listing ahead goes on.
-        rest = order[20:]
-        for path in rest:
+        for path in order[420:]:
             tree.readdir(path)
         settle(tree, spent)
         assert sum(listed(tree, p) for p in order) == len(order)
