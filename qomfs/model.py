@@ -804,12 +804,13 @@ class QOMTree:
                 for sibling in itertools.islice(parent.after(name, order), 2 * BATCH_CHUNK):
                     path = join(parent_path, sibling)
                     found, fetched = self._listings.peek(path)[1], self._listings.fetched_at(path)
-                    if found is not None and fetched is not None and path not in self._unread:
+                    if found is not None and fetched is not None:
                         listings.append(found)
                         seen[path] = fetched
         self._descend(listings, order)
         with self._ra_lock:
-            self._unread.update(seen)
+            for path, fetched in seen.items():
+                self._unread.setdefault(path, fetched)
 
     def _descend(self, listings: Sequence[Listing], order: int, ahead: bool = False) -> None:
         """Add the child objects of ``listings`` not yet listed to the
