@@ -338,7 +338,7 @@ class QOMTree:
     ``batch`` chooses ``qom-list-get`` (QEMU >= 10.1) for listings: ``None``
     uses it when the server offers it.  ``allow_unrealize`` lets a write of
     ``false`` to ``realized`` through.  ``readahead`` (on unless ``ttl`` is
-    0) fetches ahead of a reader in background threads (see
+    0) fetches ahead of a reader in the background (see
     :data:`READAHEAD`).  ``clock`` is injectable for tests.
     """
 
@@ -517,7 +517,6 @@ class QOMTree:
         listing = self.listing(path)
         if ahead and self.batch and self.ttl > 0:
             order, ahead_of_it = self._object_walk(path) if self.readahead else (0, False)
-            missing = self._unlisted(path, listing.names(Kind.OBJECT))[:BATCH_CHUNK]
             if order:
                 # A walker goes through the whole subtree: list it, a level
                 # at a time and depth first, a window ahead of the walker
@@ -527,7 +526,7 @@ class QOMTree:
                     self._pump()
                 else:
                     self._walk_from(listing, order)
-            elif missing:
+            elif missing := self._unlisted(path, listing.names(Kind.OBJECT))[:BATCH_CHUNK]:
                 # In the background: the walker works through this directory
                 # meanwhile, and waits only for a child it reaches first.
                 self._submit(self._fetch_batch_ahead, missing, self.readahead)
