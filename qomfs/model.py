@@ -82,9 +82,13 @@ BATCH_CHUNK = 64
 #: that came so (two neighbours listed may be no walk of the whole tree) ...
 SUBTREE_WINDOW = 16 * BATCH_CHUNK
 SUBTREE_GROWTH = 4
-#: ... and none while the next it reads has waited for it this part of the
-#: TTL (so that what it reads last is not stale by then) ...
+#: ... and no more than it lists in this part of the TTL, at the pace of
+#: its last SUBTREE_PACE listings (``grep -r``, reading files between
+#: directories, lists ten times slower than ``ls -R``); none while the next
+#: it reads has waited for it that long (so that what it reads is not stale
+#: by then) ...
 SUBTREE_LAG = 0.5
+SUBTREE_PACE = 64
 #: ... in at most this many commands at a time: the objects found meanwhile
 #: make the next command's batch.
 SUBTREE_FLIGHTS = 2
@@ -380,6 +384,7 @@ class QOMTree:
         self._unread_places: list[tuple[tuple[int, ...], str]] = []  # a heap
         self._descended: set[str] = set()  # whose child objects it has had
         self._frontier_hits = 0  # objects the walker found listed ahead
+        self._walker_times: collections.deque[float] = collections.deque(maxlen=SUBTREE_PACE)
         self._frontier_flight = 0
         self._frontier_sent = 0  # commands
         # The path of the latest listing fetched, and when it was asked for.
@@ -688,11 +693,13 @@ class QOMTree:
         walks = self._listed_by_walker(path)
         order = next((order for kind, order in walks if kind is Kind.OBJECT), 0)
         at = self._place(path, order) if order else None
+        now = self._clock()
         with self._ra_lock:
             ahead = self._unread.pop(path, None) is not None
             self._frontier_hits += ahead
             if at is not None:
                 self._walker_at = at
+                self._walker_times.append(now)
         return order, ahead
 
     def _place(self, path: str, order: int) -> tuple[int, ...] | None:
@@ -861,6 +868,7 @@ class QOMTree:
         self._unread_places.clear()
         self._descended.clear()
         self._frontier_hits = 0
+        self._walker_times.clear()
 
     def _next_of_frontier(self) -> list[str] | None:
         """The next :data:`BATCH_CHUNK` objects of the frontier in the
@@ -883,11 +891,12 @@ class QOMTree:
                 break
             heapq.heappop(self._unread_places)
             self._unread.pop(path, None)  # read, gone past, or stale
-        window = min(SUBTREE_WINDOW, BATCH_CHUNK + SUBTREE_GROWTH * self._frontier_hits)
-        if len(self._unread) + self._frontier_flight >= window:
-            return None
+        window = self._window(now)
+        room = window - len(self._unread) - self._frontier_flight
+        if room < min(BATCH_CHUNK, (window + 1) // 2):
+            return None  # (wait for room for a chunk worth a command)
         chunk: dict[str, None] = {}
-        while self._frontier and len(chunk) < BATCH_CHUNK:
+        while self._frontier and len(chunk) < min(room, BATCH_CHUNK):
             place, path = heapq.heappop(self._frontier)
             if place > self._walker_at:  # (else the walker has gone past it)
                 chunk[path] = None
@@ -895,6 +904,17 @@ class QOMTree:
             return None
         self._ra_pending += 1
         return list(chunk)
+
+    def _window(self, now: float) -> int:
+        """How many listings may be ahead of the walker: more as it finds
+        them so, and no more than it lists in SUBTREE_LAG of the TTL at
+        its pace.  Under ``_ra_lock``."""
+        window = min(SUBTREE_WINDOW, BATCH_CHUNK + SUBTREE_GROWTH * self._frontier_hits)
+        times = self._walker_times
+        if len(times) > 1 and now > times[0]:
+            pace = (len(times) - 1) / (now - times[0])
+            window = min(window, max(1, int(pace * self.ttl * SUBTREE_LAG)))
+        return window
 
     def _fetch_batch_ahead(
         self, paths: list[str], deeper: bool = False, subtree: bool = False

@@ -13,7 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from qomfs.errors import CommandTimeout, NotReadable, ReadFailed
-from qomfs.model import BATCH_CHUNK, READAHEAD, SUBTREE_LAG, SUBTREE_WINDOW, QOMTree
+from qomfs.model import (
+    BATCH_CHUNK,
+    READAHEAD,
+    SUBTREE_LAG,
+    SUBTREE_PACE,
+    SUBTREE_WINDOW,
+    QOMTree,
+)
 from qomfs.qmp import MAX_ASYNC, QMPClient
 from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
 from tests.test_cache import FakeClock
@@ -314,4 +321,43 @@ def test_batch_walk_stays_near_a_slow_walker() -> None:
             tree.readdir(path)
         settle(tree, spent)
         assert sum(listed(tree, p) for p in order) == len(order)
+        tree.close()
+
+
+def test_batch_walk_lists_ahead_what_a_walker_reads_within_the_ttl() -> None:
+    """A walker that lists 20 objects a second, with a TTL of 30 s, through
+    1,002 objects (grep -r, reading files between directories, is ten
+    times slower than ls -R): what is listed ahead of it is no more than it
+    lists in half the TTL, so nothing expires before it gets there and every
+    object is listed once, in commands of 64."""
+    objects = regions_tree(500)
+    order = list(preorder(objects, sort=False))
+    step, ttl = 0.05, 30.0
+    window = ttl * SUBTREE_LAG / step
+    clock = FakeClock()
+    with (
+        FakeQMP(objects, commands=WITH_BATCH) as fake,
+        QMPClient(fake.path, timeout=3) as client,
+    ):
+        tree, spent = QOMTree(client, ttl=ttl, clock=clock), Spent(client)
+        most = 0
+        for i, path in enumerate(order):
+            tree.readdir(path)
+            settle(tree, spent)
+            clock.advance(step)
+            if i > SUBTREE_PACE:  # (once its pace is known)
+                most = max(most, sum(listed(tree, p) for p in order[i + 1 :]))
+        # (and so much ahead of it: each listing comes before it is needed;
+        # the window, and the 64 objects its first listings brought before
+        # it was known to walk)
+        assert window / 2 <= most <= window + BATCH_CHUNK, most
+        paths = [
+            path
+            for request in fake.requests
+            if request.get("execute") == "qom-list-get"
+            for path in request["arguments"]["paths"]
+        ]
+        assert sorted(paths) == sorted(order)
+        used = client.command_counts()["qom-list-get"]
+        assert used <= len(order) / BATCH_CHUNK + 8, used
         tree.close()
