@@ -503,9 +503,16 @@ class QOMTree:
         """The listings in a ``qom-list-get`` reply; caches the values."""
         out = []
         for listing, values in parse_list_get(paths, reply):
-            for name, value in values.items():
-                if not listing.properties[name].is_child:
-                    self._values.put((listing.path, name), value, started, generation)
+            props = listing.properties
+            self._values.put_many(
+                (
+                    ((listing.path, name), value)
+                    for name, value in values.items()
+                    if not props[name].is_child
+                ),
+                started,
+                generation,
+            )
             out.append(listing)
         self._latest = (paths[0], started)
         return out
