@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -47,6 +48,27 @@ OWN_OPTIONS = {
     "allow_unrealize": "allow_unrealize",
     "listen": "listen",
 }
+
+
+def seconds(text: str, *, zero: bool = True) -> float:
+    """A number of seconds: >= 0 (``zero``) or > 0; ``inf`` is allowed (never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{text!r}: seconds must be {'>= 0' if zero else '> 0'}")
+    return value
+
+
+def _seconds_arg(zero: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return seconds(text, zero=zero)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
 
 
 def parse_options(text: str) -> dict[str, str | bool]:
@@ -101,22 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ttl",
-        type=float,
+        type=_seconds_arg(zero=True),
         default=1.0,
         metavar="SECONDS",
         help="how long listings and values may be served from the cache "
-        "(default 1; 0 always asks QEMU)",
+        "(default 1; 0 always asks QEMU; inf: never again, a snapshot)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds_arg(zero=False),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for QEMU to answer a command (default 5)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=float,
+        type=_seconds_arg(zero=False),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for the socket and QEMU's greeting (default 5)",
@@ -153,7 +175,7 @@ def _take_own_options(args: argparse.Namespace, options: dict[str, str | bool]) 
         if isinstance(default, bool):
             setattr(args, attr, value is True or str(value).lower() in ("1", "yes", "true", "on"))
         elif isinstance(default, float):
-            setattr(args, attr, float(str(value)))
+            setattr(args, attr, seconds(str(value), zero=attr == "ttl"))
         else:
             setattr(args, attr, str(value))
 

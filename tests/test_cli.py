@@ -144,6 +144,43 @@ def test_no_socket_given(workdir: Path) -> None:
     assert res.returncode != 0 and "QMP_SOCKET" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ttl", "nan"],
+        ["--ttl", "-1"],
+        ["--timeout", "0"],
+        ["--connect-timeout", "-2"],
+        ["-o", "ttl=nan"],
+        ["-o", "timeout=0"],
+    ],
+)
+def test_bad_seconds(workdir: Path, args: list[str]) -> None:
+    """A TTL or timeout that is no number of seconds is refused before QEMU
+    is asked anything, naming the value."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    res = qom_fuse("-s", str(workdir / "nope.sock"), *args, str(mnt))
+    assert res.returncode == (2 if args[0].startswith("--") else 1), res.stderr
+    value = args[1].split("=")[-1]
+    assert f"'{value}'" in res.stderr.splitlines()[-1], res.stderr
+    assert "no such socket" not in res.stderr  # (refused before it looks)
+    assert not os.path.ismount(mnt)
+
+
+def test_ttl_inf_is_a_snapshot(vm: VM, workdir: Path) -> None:
+    """--ttl inf: what has been read is never asked again, even once the
+    kernel's own one-second caches have expired."""
+    with mounted(vm.socket, workdir / "mnt", "--ttl", "inf") as m:
+        names = sorted(p.name for p in (m.path / "machine").iterdir())
+        value = (m.path / "machine" / "type").read_text()
+        before = m.stats()["total"]
+        time.sleep(1.2)
+        assert sorted(p.name for p in (m.path / "machine").iterdir()) == names
+        assert (m.path / "machine" / "type").read_text() == value
+        assert m.stats()["total"] == before
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(tmp_path_factory: pytest.TempPathFactory, sig: int) -> None:
     # A VM of its own: the module's VM monitor is held by the shared mount.
