@@ -188,6 +188,12 @@ def qemu_vm(
         yield vm
     finally:
         vm.kill()
+        if sock_dir is not None:
+            # A killed QEMU leaves its sockets; in a shared directory (the
+            # chroot's /tmp) they would pile up run after run.
+            for s in (main_sock, test_sock):
+                with contextlib.suppress(FileNotFoundError):
+                    (host_dir / s).unlink()
 
 
 @dataclass
