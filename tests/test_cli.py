@@ -168,10 +168,10 @@ def test_bad_seconds(workdir: Path, args: list[str]) -> None:
     assert not os.path.ismount(mnt)
 
 
-def test_ttl_inf_is_a_snapshot(vm: VM, workdir: Path) -> None:
+def test_ttl_inf_is_a_snapshot(workdir: Path) -> None:
     """--ttl inf: what has been read is never asked again, even once the
     kernel's own one-second caches have expired."""
-    with mounted(vm.socket, workdir / "mnt", "--ttl", "inf") as m:
+    with qemu_vm(workdir) as own, mounted(own.socket, workdir / "mnt", "--ttl", "inf") as m:
         names = sorted(p.name for p in (m.path / "machine").iterdir())
         value = (m.path / "machine" / "type").read_text()
         before = m.stats()["total"]
