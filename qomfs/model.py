@@ -219,22 +219,57 @@ class Listing:
             SORTED if ordered[j + 1 : j + 2] == (name,) else 0
         )
 
+    @functools.cached_property
+    def _leading(self) -> dict[Kind, int]:
+        """How many names of each kind come before the first child object."""
+        lead = dict.fromkeys(Kind, 0)
+        for prop in self.properties.values():
+            kind = prop.kind
+            if kind is Kind.OBJECT:
+                break
+            lead[kind] += 1
+        return lead
+
+    @functools.cached_property
+    def _cut(self) -> dict[str, int]:
+        """For each name but a child object's: where, among the names of its
+        kind in QEMU's order, those after the next child object begin."""
+        cut: dict[str, int] = {}
+        seen = dict.fromkeys(Kind, 0)
+        since: list[tuple[str, Kind]] = []  # names since the last child object
+        for prop in self.properties.values():
+            kind = prop.kind
+            if kind is Kind.OBJECT:
+                cut.update((name, seen[k]) for name, k in since)
+                since = []
+            else:
+                since.append((prop.name, kind))
+                seen[kind] += 1
+        cut.update((name, seen[k]) for name, k in since)
+        return cut
+
     def first(self, kind: Kind, count: int, order: int) -> tuple[str, ...]:
-        """The first ``count`` names of one kind in each of ``order``."""
+        """The first ``count`` names of one kind in each of ``order``; in
+        QEMU's order, only those before the first child object: a walker in
+        that order (``grep -r``) goes down into it before it reads on, and
+        may come back after the TTL."""
         names = self.names(kind)
-        ahead = names[:count] if order & QEMU_ORDER else ()
+        ahead = names[: min(count, self._leading[kind])] if order & QEMU_ORDER else ()
         if order & SORTED:
             ahead += tuple(n for n in sorted(names)[:count] if n not in ahead)
         return ahead
 
     def following(self, name: str, count: int, order: int) -> tuple[str, ...]:
         """The ``count`` names after ``name`` among those of its kind (objects,
-        links or plain properties) in each of ``order``."""
+        links or plain properties) in each of ``order``; in QEMU's order, a
+        link's or a plain property's up to the next child object (see
+        :meth:`first`)."""
         hit = self._order.get(name)
         if hit is None:
             return ()
         names, i, ordered, j = hit
-        ahead = names[i + 1 : i + 1 + count] if order & QEMU_ORDER else ()
+        end = min(i + 1 + count, self._cut.get(name, len(names)))
+        ahead = names[i + 1 : end] if order & QEMU_ORDER else ()
         if order & SORTED:
             ahead += tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
         return ahead
@@ -552,11 +587,16 @@ class QOMTree:
             return Node("/", Kind.OBJECT, None)
         parent, name = split(path)
         if not self._listings.peek(parent)[0]:
-            # The kernel checks a walker's ancestors again every second; a
-            # listing just fetched below ``path`` says it is still there.
+            # The kernel checks a walker's ancestors again every second, and
+            # the objects of a big directory as it gets to them; a listing
+            # of ``path`` or below it within the TTL says it is still there.
             old = self._listings.last(parent)
             prop = old.properties.get(name) if old is not None else None
-            if prop is not None and prop.is_child and self._seen_below(path):
+            if (
+                prop is not None
+                and prop.is_child
+                and (self._listings.peek(path)[0] or self._seen_below(path))
+            ):
                 return Node(path, Kind.OBJECT, prop)
         try:
             listing = self.listing(parent)
@@ -622,7 +662,8 @@ class QOMTree:
     # last such read.  During a walk:
     # - a read fetches the next READAHEAD values of its kind;
     # - a listed directory fetches its first READAHEAD_LISTED values of the
-    #   kinds walked;
+    #   kinds walked (in QEMU's order, those before its first child object:
+    #   grep -r reads the rest once back from that child's subtree);
     # - a walk of objects is depth-first: each listing fetches the listings
     #   of the next READAHEAD objects in that walker's order, as far as the
     #   listings cached tell (an object not yet listed counts as having no

@@ -361,3 +361,44 @@ def test_batch_walk_lists_ahead_what_a_walker_reads_within_the_ttl() -> None:
         used = client.command_counts()["qom-list-get"]
         assert used <= len(order) / BATCH_CHUNK + 8, used
         tree.close()
+
+
+def test_listing_fetches_no_value_a_walker_reads_after_a_subtree() -> None:
+    """A walker of values in QEMU's order (grep -r) reads an object's
+    properties that come after a child object only once back from that
+    child's subtree, which may take longer than the TTL: listing the object
+    fetches the values before the child, and the rest wait for the walker."""
+    objects: Tree = {
+        "/": [
+            {"name": "first", "type": "child<container>"},
+            {"name": "top", "type": "child<container>"},
+        ],
+        # (not sorted: a walker reading them in a row reads in QEMU's order)
+        "/first": [{"name": n, "type": "int", "value": 0} for n in ("z", "y", "x", "w")],
+        "/top": [
+            {"name": "type", "type": "string", "value": "container"},
+            {"name": "a", "type": "int", "value": 1},
+            {"name": "kid", "type": "child<container>"},
+            {"name": "b", "type": "int", "value": 2},
+            {"name": "c", "type": "int", "value": 3},
+        ],
+        "/top/kid": [{"name": "x", "type": "int", "value": 0}],
+    }
+    clock = FakeClock()
+    with FakeQMP(objects) as fake, QMPClient(fake.path, timeout=3) as client:
+        tree, spent = QOMTree(client, ttl=1.0, clock=clock), Spent(client)
+        tree.readdir("/first")
+        for name in ("z", "y"):  # two reads in a row: a walk of values
+            tree.get(f"/first/{name}")
+        settle(tree, spent)
+        tree.readdir("/top")
+        assert settle(tree, spent) == {"qom-list": 1, "qom-get": 2}  # type, a
+        assert tree.get("/top/a") == 1
+        clock.advance(2.0)  # the subtree of kid takes longer than the TTL
+        tree.readdir("/top/kid")
+        assert tree.get("/top/kid/x") == 0
+        assert tree.get("/top/b") == 2
+        assert tree.get("/top/c") == 3
+        # kid's listing, x, b and c: nothing asked twice
+        assert settle(tree, spent) == {"qom-list": 1, "qom-get": 3}
+        tree.close()
