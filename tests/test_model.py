@@ -311,6 +311,23 @@ def test_ancestor_checked_again_after_the_ttl(e: Env) -> None:
     assert e.spent() == {"qom-list": 1}
 
 
+def test_object_with_a_fresh_listing_needs_no_parent_listing(e: Env) -> None:
+    """The kernel looks up the objects of a big directory as a walker gets
+    to them, after the directory's listing has expired: an object whose own
+    listing was fetched within the TTL (ahead of the walker) is there."""
+    e.tree.readdir("/machine/peripheral")
+    e.clock.advance(0.6)
+    e.tree.readdir(NIC0)  # fetched ahead, say
+    e.tree.readdir("/machine/q35")
+    e.clock.advance(0.6)  # /machine/peripheral expired, nic0 not
+    e.spent()
+    assert e.tree.lookup(NIC0).kind is Kind.OBJECT
+    assert e.spent() == {}
+    # nic1 was never listed: its parent is asked again.
+    assert e.tree.lookup(NIC1).kind is Kind.OBJECT
+    assert e.spent() == {"qom-list": 1}
+
+
 def test_concurrent_reads_share_one_command(e: Env) -> None:
     e.fake.delay["qom-get"] = 0.1
     texts: list[str] = []
