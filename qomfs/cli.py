@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -50,21 +49,28 @@ OWN_OPTIONS = {
 }
 
 
-def seconds(text: str, *, zero: bool = True) -> float:
-    """A number of seconds: >= 0 (``zero``) or > 0; ``inf`` is allowed (never)."""
+#: The longest wait for QEMU: Python's own waits overflow at about 1e12 s.
+MAX_TIMEOUT = 1e6
+
+
+def seconds(text: str, *, timeout: bool = False) -> float:
+    """A TTL: seconds >= 0, ``inf`` for never; or with ``timeout``, a time
+    to wait: seconds > 0, at most :data:`MAX_TIMEOUT`."""
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number of seconds") from None
-    if math.isnan(value) or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{text!r}: seconds must be {'>= 0' if zero else '> 0'}")
+    if timeout and not 0 < value <= MAX_TIMEOUT:
+        raise ValueError(f"{text!r}: a timeout is from 0 (not included) to {MAX_TIMEOUT:g} s")
+    if not value >= 0:  # (nan too)
+        raise ValueError(f"{text!r}: a TTL is 0 or more seconds, or inf")
     return value
 
 
-def _seconds_arg(zero: bool) -> Callable[[str], float]:
+def _seconds_arg(timeout: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            return seconds(text, zero=zero)
+            return seconds(text, timeout=timeout)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ttl",
-        type=_seconds_arg(zero=True),
+        type=_seconds_arg(timeout=False),
         default=1.0,
         metavar="SECONDS",
         help="how long listings and values may be served from the cache "
@@ -131,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds_arg(zero=False),
+        type=_seconds_arg(timeout=True),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for QEMU to answer a command (default 5)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds_arg(zero=False),
+        type=_seconds_arg(timeout=True),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for the socket and QEMU's greeting (default 5)",
@@ -175,7 +181,7 @@ def _take_own_options(args: argparse.Namespace, options: dict[str, str | bool]) 
         if isinstance(default, bool):
             setattr(args, attr, value is True or str(value).lower() in ("1", "yes", "true", "on"))
         elif isinstance(default, float):
-            setattr(args, attr, seconds(str(value), zero=attr == "ttl"))
+            setattr(args, attr, seconds(str(value), timeout=attr != "ttl"))
         else:
             setattr(args, attr, str(value))
 

@@ -961,7 +961,9 @@ class QOMTree:
         times = self._walker_times
         if len(times) > 1 and now > times[0]:
             pace = (len(times) - 1) / (now - times[0])
-            window = min(window, max(1, int(pace * self.ttl * SUBTREE_LAG)))
+            most = pace * self.ttl * SUBTREE_LAG  # (inf with --ttl inf)
+            if most < window:
+                window = max(1, int(most))
         return window
 
     def _fetch_batch_ahead(

@@ -151,6 +151,7 @@ def test_no_socket_given(workdir: Path) -> None:
         ["--ttl", "-1"],
         ["--timeout", "0"],
         ["--connect-timeout", "-2"],
+        ["--timeout", "inf"],
         ["-o", "ttl=nan"],
         ["-o", "timeout=0"],
     ],

@@ -402,3 +402,30 @@ def test_listing_fetches_no_value_a_walker_reads_after_a_subtree() -> None:
         # kid's listing, x, b and c: nothing asked twice
         assert settle(tree, spent) == {"qom-list": 1, "qom-get": 3}
         tree.close()
+
+
+def test_batch_walk_with_an_infinite_ttl() -> None:
+    """--ttl inf: what a walker lists ahead has no pace limit (nothing
+    expires), and each object is listed once."""
+    objects = regions_tree(500)
+    order = list(preorder(objects, sort=False))
+    clock = FakeClock()
+    with (
+        FakeQMP(objects, commands=WITH_BATCH) as fake,
+        QMPClient(fake.path, timeout=3) as client,
+    ):
+        tree, spent = QOMTree(client, ttl=float("inf"), clock=clock), Spent(client)
+        for path in order:
+            tree.readdir(path)
+            settle(tree, spent)
+            clock.advance(0.05)
+        paths = [
+            path
+            for request in fake.requests
+            if request.get("execute") == "qom-list-get"
+            for path in request["arguments"]["paths"]
+        ]
+        assert sorted(paths) == sorted(order)
+        used = client.command_counts()["qom-list-get"]
+        assert used <= len(order) / BATCH_CHUNK + 8, used
+        tree.close()
