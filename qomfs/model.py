@@ -220,33 +220,27 @@ class Listing:
         )
 
     @functools.cached_property
-    def _leading(self) -> dict[Kind, int]:
-        """How many names of each kind come before the first child object."""
-        lead = dict.fromkeys(Kind, 0)
-        for prop in self.properties.values():
-            kind = prop.kind
-            if kind is Kind.OBJECT:
-                break
-            lead[kind] += 1
-        return lead
-
-    @functools.cached_property
-    def _cut(self) -> dict[str, int]:
-        """For each name but a child object's: where, among the names of its
-        kind in QEMU's order, those after the next child object begin."""
+    def _runs(self) -> tuple[dict[Kind, int], dict[str, int]]:
+        """The runs of names between child objects, in QEMU's order: how many
+        names of each kind come before the first child object; and for each
+        name but a child object's, where among the names of its kind those
+        after the next child object begin."""
+        leading: dict[Kind, int] | None = None
         cut: dict[str, int] = {}
         seen = dict.fromkeys(Kind, 0)
         since: list[tuple[str, Kind]] = []  # names since the last child object
         for prop in self.properties.values():
             kind = prop.kind
             if kind is Kind.OBJECT:
+                if leading is None:
+                    leading = dict(seen)
                 cut.update((name, seen[k]) for name, k in since)
                 since = []
             else:
                 since.append((prop.name, kind))
                 seen[kind] += 1
         cut.update((name, seen[k]) for name, k in since)
-        return cut
+        return (seen if leading is None else leading), cut
 
     def first(self, kind: Kind, count: int, order: int) -> tuple[str, ...]:
         """The first ``count`` names of one kind in each of ``order``; in
@@ -254,7 +248,8 @@ class Listing:
         that order (``grep -r``) goes down into it before it reads on, and
         may come back after the TTL."""
         names = self.names(kind)
-        ahead = names[: min(count, self._leading[kind])] if order & QEMU_ORDER else ()
+        leading, _ = self._runs
+        ahead = names[: min(count, leading[kind])] if order & QEMU_ORDER else ()
         if order & SORTED:
             ahead += tuple(n for n in sorted(names)[:count] if n not in ahead)
         return ahead
@@ -268,7 +263,8 @@ class Listing:
         if hit is None:
             return ()
         names, i, ordered, j = hit
-        end = min(i + 1 + count, self._cut.get(name, len(names)))
+        _, cut = self._runs
+        end = min(i + 1 + count, cut.get(name, len(names)))
         ahead = names[i + 1 : end] if order & QEMU_ORDER else ()
         if order & SORTED:
             ahead += tuple(n for n in ordered[j + 1 : j + 1 + count] if n not in ahead)
