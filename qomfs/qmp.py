@@ -485,7 +485,7 @@ class QMPClient:
             return False
         data = b"".join(_encode(command, arguments) for command, arguments in calls)
         with self._async_lock:
-            if self._async + len(calls) > MAX_ASYNC:
+            if not self.has_room(len(calls)):
                 return False
             taken = 0
             while taken < len(calls) and self._in_flight.acquire(blocking=False):
