@@ -6,10 +6,12 @@ client on the VM's second monitor, never from qomfs's own output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import posixpath
 import subprocess
+import time
 
 import pytest
 
@@ -141,8 +143,6 @@ def test_missing_paths_are_enoent(mnt: Mount) -> None:
 
 def test_listing_then_stat_costs_nothing(mnt: Mount, vm: VM) -> None:
     """The cache: stat after a listing and repeated reads within the TTL."""
-    import time
-
     time.sleep(1.1)  # no walk of an earlier test goes on
     d = mnt.path / "machine" / "q35"
     names = os.listdir(d)
@@ -160,8 +160,6 @@ def test_listing_then_stat_costs_nothing(mnt: Mount, vm: VM) -> None:
 def test_ls_r_costs_one_command_per_object(
     mnt: Mount, tree: dict[str, list[dict[str, str]]]
 ) -> None:
-    import time
-
     time.sleep(1.1)  # let the TTL run out: a cold walk
     before = mnt.stats()["commands"]
     run("ls", "-R", str(mnt.path))
@@ -173,8 +171,6 @@ def test_ls_r_costs_one_command_per_object(
 
 def spent_on(mnt: Mount, *cmd: str) -> dict[str, int]:
     """The QMP commands ``cmd`` costs from a cold cache (read-ahead included)."""
-    import time
-
     time.sleep(1.1)  # let the TTL run out
     before = mnt.stats()["commands"]
     run(*cmd, check=False)
@@ -203,9 +199,6 @@ def test_walks_cost_what_their_reads_need(
 
 def test_parallel_greps_agree_and_share_commands(mnt: Mount) -> None:
     """8 parallel grep -r see exactly what one sees, for about one's QMP cost."""
-    import concurrent.futures
-    import time
-
     target = str(mnt.path / "machine" / "q35")
 
     def grep() -> str:
