@@ -108,3 +108,14 @@ class ValueTooLarge(InvalidValue):
 
 class ReadFailed(QOMError):
     """The property's getter failed inside QEMU."""
+
+
+class WaitTimeout(CommandTimeout):
+    """A thread waited longer than its bound for the answer another thread
+    was fetching for it (the cache's single flight): a timeout, as for a
+    command of its own."""
+
+    def __init__(self, key: object, timeout: float) -> None:
+        super().__init__(f"the fetch of {key!r}", timeout)
+        self.args = (f"waited {timeout:g} s for another thread's fetch of {key!r}",)
+        self.key = key
