@@ -1,8 +1,9 @@
-"""Real QEMUs and real mounts for tests and benchmarks.
+"""Test-only helpers over qomfs.vm: skip-or-fail when QEMU or FUSE is missing,
+and independent checks of a mount against plain QMP.
 
 A missing QEMU or FUSE fails the test in CI (``CI`` set) and skips it, with
-the reason, on a developer's machine.  Every wait is bounded; every VM is
-killed and every mount unmounted in cleanup.
+the reason, on a developer's machine.  Starting VMs and mounts lives in
+``qomfs.vm`` (the scripts use it too); its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,23 +13,56 @@ import errno
 import json
 import os
 import posixpath
-import shutil
-import signal
-import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qomfs import vm as _vm
+from qomfs.vm import (
+    BARE_Q35,
+    QEMU,
+    QEMU11,
+    QEMU11_ROOT,
+    STATS_XATTR,
+    VM,
+    Mount,
+    RawQMP,
+    Unavailable,
+    big_vm_args,
+    qomfs_command,
+    unmount,
+    wait_for,
+)
+
+__all__ = [
+    "BARE_Q35",
+    "QEMU",
+    "QEMU11",
+    "QEMU11_ROOT",
+    "ROOT",
+    "STATS_XATTR",
+    "VM",
+    "Mount",
+    "RawQMP",
+    "Unavailable",
+    "assert_mount_matches",
+    "big_vm_args",
+    "expected_text",
+    "fs_path",
+    "missing",
+    "mounted",
+    "qemu_vm",
+    "qomfs_command",
+    "require_fuse",
+    "require_qemu",
+    "unmount",
+    "wait_for",
+    "walk_qmp",
+]
+
 ROOT = Path(__file__).resolve().parent.parent
-QEMU = os.environ.get("QOMFS_QEMU", "qemu-system-x86_64")
-#: The bare machine every issue talks about.
-BARE_Q35 = ["-S", "-display", "none", "-nodefaults", "-machine", "q35,accel=tcg"]
-STATS_XATTR = "user.qomfs.stats"
 
 
 def missing(reason: str) -> None:
@@ -41,201 +75,29 @@ def missing(reason: str) -> None:
 
 
 def require_qemu(qemu: str = QEMU) -> None:
-    if shutil.which(qemu) is None and not os.path.exists(qemu):
-        missing(f"{qemu} is not installed (run scripts/install-deps)")
+    problem = _vm.qemu_problem(qemu)
+    if problem:
+        missing(problem)
 
 
 def require_fuse() -> None:
-    if not os.path.exists("/dev/fuse"):
-        missing("/dev/fuse is missing")
-    if shutil.which("fusermount3") is None and shutil.which("fusermount") is None:
-        missing("fusermount is not installed (run scripts/install-deps)")
-    try:
-        from qomfs import _fuse  # noqa: F401
-    except (ImportError, OSError) as err:
-        missing(f"no usable FUSE binding/library: {err}")
+    problem = _vm.fuse_problem()
+    if problem:
+        missing(problem)
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-class RawQMP:
-    """A minimal, independent QMP client: the test's second opinion.
-
-    Deliberately not qomfs's own client, so tests compare qomfs against
-    something that shares none of its code.  Single-threaded.
-    """
-
-    def __init__(self, path: str | Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.decoder = json.JSONDecoder()
-        self.greeting = self._recv()
-        self.count = 0
-        self.cmd("qmp_capabilities")
-
-    def _recv(self) -> dict[str, Any]:
-        while True:
-            text = self.buf.decode("utf-8", "replace").lstrip()
-            if text:
-                try:
-                    obj, end = self.decoder.raw_decode(text)
-                except json.JSONDecodeError:
-                    pass
-                else:
-                    self.buf = text[end:].encode()
-                    return obj  # type: ignore[no-any-return]
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("QMP socket closed")
-            self.buf += data
-
-    def cmd(self, name: str, **args: Any) -> Any:
-        """Run a command; return its value or raise RuntimeError(class, desc)."""
-        msg: dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode())
-        self.count += 1
-        while True:
-            reply = self._recv()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(reply["error"]["class"], reply["error"]["desc"])
-            return reply["return"]
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawQMP:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
-class VM:
-    """A QEMU started by a test, with its own QMP socket."""
-
-    socket: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-    extra_sockets: list[Path] = field(default_factory=list)
-
-    def qmp(self) -> RawQMP:
-        """A raw QMP connection on the VM's second (test-only) monitor."""
-        return RawQMP(self.extra_sockets[0])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def qemu_vm(
     workdir: Path,
     extra: Sequence[str] = (),
     qemu: Sequence[str] | None = None,
     sock_dir: Path | None = None,
     name: str = "vm",
-) -> Iterator[VM]:
-    """Start a QEMU with two QMP monitors: one for qomfs, one for the test.
-
-    ``sock_dir`` is where the sockets appear on the host (a chroot's /tmp for
-    a QEMU inside a chroot: then the paths given to QEMU are its /tmp).
-    """
-    cmd = list(qemu or [QEMU])
-    require_qemu(cmd[0])
-    host_dir = sock_dir or workdir
-    host_dir.mkdir(parents=True, exist_ok=True)
-    qemu_dir = Path("/tmp") if sock_dir else workdir
-    main_sock, test_sock = f"{name}.qmp", f"{name}-test.qmp"
-    for s in (main_sock, test_sock):
-        with contextlib.suppress(FileNotFoundError):
-            (host_dir / s).unlink()
-    log = workdir / f"{name}.log"
-    args = [
-        *cmd,
-        *BARE_Q35,
-        "-qmp",
-        f"unix:{qemu_dir / main_sock},server=on,wait=off",
-        "-qmp",
-        f"unix:{qemu_dir / test_sock},server=on,wait=off",
-        *extra,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    vm = VM(host_dir / main_sock, proc, log, [host_dir / test_sock])
-    try:
-        socks = (vm.socket, *vm.extra_sockets)
-        wait_for(
-            lambda: proc.poll() is not None or all(p.exists() for p in socks),
-            30,
-            "QEMU's QMP sockets",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"QEMU exited {proc.returncode}: {log.read_text()[-2000:]}")
-        yield vm
-    finally:
-        vm.kill()
-        if sock_dir is not None:
-            # A killed QEMU leaves its sockets; in a shared directory (the
-            # chroot's /tmp) they would pile up run after run.
-            for s in (main_sock, test_sock):
-                with contextlib.suppress(FileNotFoundError):
-                    (host_dir / s).unlink()
+) -> contextlib.AbstractContextManager[VM]:
+    """qomfs.vm.qemu_vm, skipped (or failed in CI) when the QEMU is missing."""
+    require_qemu((list(qemu) if qemu else [QEMU])[0])
+    return _vm.qemu_vm(workdir, extra, qemu=qemu, sock_dir=sock_dir, name=name)
 
 
-@dataclass
-class Mount:
-    """A running ``qom-fuse -f`` and its mountpoint."""
-
-    path: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stats(self) -> dict[str, Any]:
-        """The daemon's counters (QMP commands by name, total, RSS)."""
-        return json.loads(os.getxattr(self.path, STATS_XATTR))  # type: ignore[no-any-return]
-
-    def commands(self) -> int:
-        return int(self.stats()["total"])
-
-    def settled_commands(self, quiet: float = 0.2, limit: float = 10.0) -> int:
-        """The command total once the daemon's read-ahead has gone quiet."""
-        total, deadline = self.commands(), time.monotonic() + limit
-        while time.monotonic() < deadline:
-            time.sleep(quiet)
-            now = self.commands()
-            if now == total:
-                break
-            total = now
-        return total
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def qomfs_command() -> list[str]:
-    return [sys.executable, "-m", "qomfs"]
-
-
-def unmount(path: Path) -> None:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
-    subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, timeout=30)
-
-
-@contextlib.contextmanager
 def mounted(
     socket_path: Path | str,
     mountpoint: Path,
@@ -243,41 +105,12 @@ def mounted(
     env: dict[str, str] | None = None,
     check_exit: bool = True,
     listen: bool = False,
-) -> Iterator[Mount]:
-    """Run ``qom-fuse -f -v`` in a subprocess; yield once the mount is up.
-
-    On exit: unmount, wait for the daemon, and assert it exited 0.
-    """
+) -> contextlib.AbstractContextManager[Mount]:
+    """qomfs.vm.mounted (``qom-fuse -f -v``), skipped (or failed in CI) without FUSE."""
     require_fuse()
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    log = mountpoint.parent / f"{mountpoint.name}.log"
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    how = "--listen" if listen else "-s"
-    cmd = [*qomfs_command(), "-f", "-v", how, str(socket_path), str(mountpoint), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    m = Mount(mountpoint, proc, log)
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or os.path.ismount(mountpoint),
-            20,
-            f"the mount on {mountpoint}",
-        )
-        if proc.poll() is not None:
-            raise RuntimeError(f"qom-fuse exited {proc.returncode}: {m.logtext()[-2000:]}")
-        yield m
-    finally:
-        if proc.poll() is None:
-            unmount(mountpoint)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=10)
-                unmount(mountpoint)
-                raise
-    if check_exit:
-        assert proc.returncode == 0, f"qom-fuse exited {proc.returncode}:\n{m.logtext()[-3000:]}"
+    return _vm.mounted(
+        socket_path, mountpoint, *args, env=env, check_exit=check_exit, listen=listen
+    )
 
 
 def walk_qmp(qmp: RawQMP, root: str = "/") -> dict[str, list[dict[str, str]]]:
