@@ -7,6 +7,7 @@ imports pytest (a missing QEMU or FUSE raises :class:`Unavailable`).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -302,6 +303,18 @@ class Mount:
 
     def logtext(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def use_venv(script: str) -> None:
+    """Re-run ``script`` (with the same arguments) under the source tree's
+    ``.venv`` when this Python has no FUSE binding: the daemons it starts run
+    with ``sys.executable`` and must be able to mount."""
+    venv = ROOT / ".venv" / "bin" / "python"
+    if Path(sys.executable) == venv or not venv.exists():
+        return
+    if importlib.util.find_spec("mfusepy") or importlib.util.find_spec("fuse"):
+        return
+    os.execv(venv, [str(venv), script, *sys.argv[1:]])
 
 
 def qomfs_command() -> list[str]:
