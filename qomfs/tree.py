@@ -234,6 +234,14 @@ def parse_list_get(paths: list[str], reply: Any) -> list[tuple[Listing, dict[str
     return out
 
 
+def parse_list(path: str, reply: Any) -> Listing:
+    """Check a ``qom-list`` reply: the listing of the object at ``path``."""
+    if not isinstance(reply, list):
+        raise ReadFailed(f"qom-list {path}: unexpected reply {reply!r}")
+    props = [Property.from_wire(item) for item in reply]
+    return Listing(path, {p.name: p for p in props})
+
+
 def climbs_out(base: str, rel: str) -> bool:
     """Whether ``rel`` from directory ``base`` goes above the root."""
     depth = len([p for p in base.split("/") if p])

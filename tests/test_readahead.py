@@ -8,6 +8,7 @@ that do not look like a walk fetch nothing ahead.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,8 @@ from qomfs.model import (
     QOMTree,
 )
 from qomfs.qmp import MAX_ASYNC, QMPClient
+from qomfs.readahead import Frontier
+from qomfs.tree import QEMU_ORDER, SORTED
 from tests.fakeqmp import BASE_COMMANDS, FakeQMP, Tree
 from tests.test_cache import FakeClock
 from tests.test_model import WITH_BATCH, Env, Spent, env
@@ -417,3 +420,49 @@ def test_batch_walk_with_an_infinite_ttl() -> None:
         used = listed_once(fake, order)
         assert used <= len(order) / BATCH_CHUNK + 8, used
         tree.close()
+
+
+# --- the frontier alone: no QMP, no threads but the test's own -------------------
+
+#: Where a walker lists /a, /b and /x: in QEMU's order, and sorted.
+PLACES = {
+    QEMU_ORDER: {"/a": (0,), "/b": (1,), "/x": (5,)},
+    SORTED: {"/a": (1,), "/b": (0,), "/x": (5,)},
+}
+
+
+def test_frontier_reorder_loses_nothing_added_meanwhile() -> None:
+    """The walk goes on in another order while another thread adds to the
+    frontier: what it adds is kept.  (The frontier used to be placed anew
+    outside its lock and then written back whole, over what had been added
+    in between.)"""
+    frontier: Frontier
+    racer = threading.Thread(target=lambda: frontier.add(SORTED, [((5,), "/x")], []))
+
+    def place(path: str, order: int) -> tuple[int, ...]:
+        if racer.ident is None:
+            racer.start()
+            # (The old frontier let it add here, then wrote the heap over.)
+            racer.join(0.2)
+        return PLACES[order][path]
+
+    frontier = Frontier(1.0, place)
+    frontier.add(QEMU_ORDER, [((0,), "/a"), ((1,), "/b")], [])
+    frontier.add(SORTED, [], [])  # the walker now lists in sorted order
+    racer.join()
+    assert frontier.next_chunk(0.0, walking=True) == ["/b", "/a", "/x"]
+
+
+def test_frontier_places_anew_what_it_holds_when_the_order_changes() -> None:
+    frontier = Frontier(1.0, lambda path, order: PLACES[order][path])
+    frontier.add(QEMU_ORDER, [((0,), "/a"), ((1,), "/b")], [])
+    frontier.add(SORTED, [((5,), "/x")], [])
+    assert frontier.next_chunk(0.0, walking=True) == ["/b", "/a", "/x"]
+
+
+def test_frontier_is_dropped_once_the_walk_is_over() -> None:
+    frontier = Frontier(1.0, lambda path, order: PLACES[order][path])
+    frontier.add(QEMU_ORDER, [((0,), "/a")], [])
+    assert frontier.next_chunk(0.0, walking=False) is None
+    frontier.add(QEMU_ORDER, [((1,), "/b")], [])
+    assert frontier.next_chunk(0.0, walking=True) == ["/b"]  # /a is gone
