@@ -41,6 +41,10 @@ FUSE_FILL_DIR_PLUS = 2
 #: libfuse3's default: READDIRPLUS only for a directory's first chunk (then
 #: the entries of a large directory each cost a LOOKUP).  Switched off.
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+#: Idle worker threads libfuse3 keeps.  mfusepy leaves the option unset, and
+#: libfuse 3.14.0 then prints "Ignoring invalid max threads value 4294967295
+#: > max (100000)." at every mount; libfuse2 knows no such option.
+MAX_IDLE_THREADS = 10
 
 
 _BaseFUSE: Any = _binding.FUSE
@@ -71,6 +75,7 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._templates: dict[int, tuple[dict[str, Any], bytes]] = {}
+        kwargs.setdefault("max_idle_threads", MAX_IDLE_THREADS)
         super().__init__(*args, **kwargs)  # runs the FUSE loop
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -82,6 +87,13 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
         super().init_fuse_3(conn, config)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        """As mfusepy's, but an ftruncate() passes its open file (as libfuse2's
+        ``ftruncate`` does), so that the filesystem knows which one it cuts."""
+        fh = (fip.contents if self.raw_fi else fip.contents.fh) if fip else None
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return int(self.operations.truncate(decoded, length, fh))
 
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int

@@ -1,11 +1,15 @@
 """The FUSE adapter: filesystem operations on a :class:`~qomfs.model.QOMTree`.
 
 This is the only module that thinks in errno.  Every outcome of the core maps
-to an errno through :data:`ERRNO` and is logged with what QEMU said.
+to an errno through :data:`ERRNO` and is logged with what QEMU said.  It also
+decides when the bytes written to an open file are a whole value to set (see
+:meth:`QOMFS.write`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import functools
 import hashlib
@@ -17,10 +21,11 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+from qomfs import values
 from qomfs._fuse import FuseOSError, Operations
 from qomfs.errors import (
     CommandTimeout,
@@ -37,7 +42,15 @@ from qomfs.errors import (
     ReadFailed,
     ValueTooLarge,
 )
-from qomfs.model import Kind, Node, Tree, join
+from qomfs.model import MAX_WRITE, Kind, Node, Tree, join
+from qomfs.values import (
+    BOOL_TYPES,
+    FLOAT_TYPES,
+    INT_RANGES,
+    STRING_TYPES,
+    decode_text,
+    parse_value,
+)
 
 log = logging.getLogger("qomfs.fs")
 
@@ -72,6 +85,14 @@ ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 #: ``st_size`` of a property file.  The real length is known only after a
 #: ``qom-get``; files are opened with direct I/O so readers see the whole value.
 FILE_SIZE = 4096
+#: ``st_blksize`` of a property file: stdio (glibc takes min(st_blksize,
+#: BUFSIZ=8192)), Python's ``open()`` and ``tr`` write in chunks of this size
+#: when a value does not fit in one, so a first write() shorter than this is
+#: no full buffer of a longer value.
+WRITE_BLOCK = 8192
+#: ``dd``'s default block: a first write() of a multiple of this may be the
+#: first block of many.
+DD_BLOCK = 512
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -137,9 +158,107 @@ def inode(path: str) -> int:
 
 @dataclass
 class _Handle:
+    """One open file: what it read, and the value it is writing."""
+
     path: str
     data: bytes | None = None  # the value as read, fixed for this open file
-    written: bytes = b""  # what this open file has written so far
+    value: bytearray = field(default_factory=bytearray)  # written since offset 0
+    sent: bool = True  # ``value`` was set (or refused), or there is none
+    failed: int = 0  # the errno of a refusal already reported: nothing more is sent
+    qom_type: str | None = None  # the property's type, looked up at the first write
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# --- judging what an open file has written so far ----------------------------------
+
+
+class Verdict(enum.Enum):
+    """What the bytes an open file has written so far make, for a property's type."""
+
+    VALID = "valid"  # a whole value that converts (QEMU may still refuse it)
+    INCOMPLETE = "incomplete"  # not a value yet; more bytes may make one
+    INVALID = "invalid"  # no bytes appended can ever make a value
+
+
+#: Each possible start of an integer's text (decimal, 0x/0o/0b, a size's
+#: suffix): text that is no such start can never become an integer.
+_INT_START = re.compile(
+    r"\s*[+-]?(?:0[xX][0-9a-fA-F_]*|0[oO][0-7_]*|0[bB][01_]*|[0-9_]*)"
+    r"(?:\s*[kmgtpeKMGTPE]?[iI]?[bB]?)?\s*"
+)
+_FLOAT_START = re.compile(r"\s*[+-]?[0-9_.eEinfatyINFATY+-]*\s*")
+#: A JSON number, literal or escape cut short at the end of the text.
+_JSON_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?|[a-zA-Z-]+|\\(?:u[0-9a-fA-F]{0,3})?")
+#: What a boolean may be written as (qomfs.values' words).
+_BOOL_WORDS = values._TRUE | values._FALSE
+_JSON_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+
+
+def judge(data: bytes, qom_type: str) -> tuple[Verdict, InvalidValue | None]:
+    """Whether ``data`` is a whole value of ``qom_type``, may become one, or never can.
+
+    INVALID is said only when certain: a chunk of a longer value is never
+    refused for being cut short (a JSON struct, a UTF-8 sequence, a number).
+    The error is :func:`~qomfs.values.parse_value`'s, for INCOMPLETE too.
+    """
+    try:
+        parse_value(decode_text(data), qom_type)
+    except InvalidValue as err:
+        return (Verdict.INVALID if _never(data, qom_type) else Verdict.INCOMPLETE), err
+    return Verdict.VALID, None
+
+
+def _never(data: bytes, qom_type: str) -> bool:
+    """``data`` does not convert: is that so whatever follows it?"""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.end < len(data) or err.reason != "unexpected end of data":
+            return True  # a bad byte inside, not a sequence cut at the end
+        text = data[: err.start].decode("utf-8")
+    if qom_type in STRING_TYPES or qom_type.startswith("link<"):
+        return False  # any text is a string; only its UTF-8 can be cut
+    start = text.lstrip()
+    if qom_type in BOOL_TYPES or qom_type in INT_RANGES or qom_type in FLOAT_TYPES:
+        if "\n" in start:
+            return True  # a newline ends a number or a boolean
+        if qom_type in BOOL_TYPES:
+            word = start.rstrip().lower()
+            return start != word or not any(w.startswith(word) for w in _BOOL_WORDS)
+        if qom_type in INT_RANGES:
+            if _is_integer(start.strip()):
+                return True  # out of range: more digits only make it larger
+            return _INT_START.fullmatch(start) is None
+        return _FLOAT_START.fullmatch(start) is None
+    if start[:1] in ("{", "[", '"'):
+        return not _json_may_continue(start)
+    return False
+
+
+def _is_integer(text: str) -> bool:
+    for base in (10, 0):
+        try:
+            int(text, base)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
+def _json_may_continue(text: str) -> bool:
+    """Whether invalid JSON ``text`` is the start of some valid JSON text."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg.startswith("Unterminated string"):
+            return True
+        rest = text[err.pos :]
+        if not rest.strip():
+            return True  # it ran out of text between two tokens
+        if _JSON_CUT.fullmatch(rest) is None:
+            return False
+        return not rest[:1].isalpha() or any(w.startswith(rest) for w in _JSON_WORDS)
+    return True  # it parses: then parse_value failed for another reason
 
 
 class QOMFS(Operations):  # type: ignore[misc]
@@ -195,6 +314,7 @@ class QOMFS(Operations):  # type: ignore[misc]
         }
         return {
             kind: {
+                "st_blksize": WRITE_BLOCK,
                 "st_mode": mode,
                 "st_nlink": nlink,
                 "st_size": size,
@@ -262,7 +382,13 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def listxattr(self, path: str) -> list[str]:
+        if self._pending and self._pending_link(path) is not None:
+            return []
         node = self.tree.lookup(path)
+        if node.kind is Kind.LINK:
+            # Linux refuses user.* attributes on symlinks (ENODATA) before
+            # asking us: list none that could not be read.
+            return []
         names = [TYPE_XATTR]
         if node.kind is not Kind.OBJECT:
             names.append(DESCRIPTION_XATTR)
@@ -306,6 +432,10 @@ class QOMFS(Operations):  # type: ignore[misc]
         fi.fh = fh
         # The kernel must pass every read to us: st_size is not the length.
         fi.direct_io = 1
+        if fi.flags & os.O_ACCMODE == os.O_RDONLY and hasattr(fi, "noflush"):
+            # A reader has nothing to flush: spare its close a FLUSH round
+            # trip (libfuse >= 3.11; a kernel without FOPEN_NOFLUSH ignores it).
+            fi.noflush = 1
         return 0
 
     def _handle(self, fi: Any) -> _Handle:
@@ -324,25 +454,104 @@ class QOMFS(Operations):  # type: ignore[misc]
             handle.data = self.tree.read_text(handle.path).encode("utf-8", "surrogateescape")
         return handle.data[offset : offset + size]
 
+    # --- writing a value ------------------------------------------------------
+    #
+    # An open file collects what it writes from offset 0 and sends it whole,
+    # with one qom-set, or not at all; nothing is set from part of a value.
+    # When (see README, "Text format"):
+    #
+    # * A first write() at offset 0 shorter than WRITE_BLOCK and no multiple of
+    #   DD_BLOCK is taken for a whole value (echo, printf, a small cat, Python's
+    #   write of a small string): set by that call, its error returned by it,
+    #   because the shells' builtins never look at close().  Text that is no
+    #   value yet, with no newline at its end, waits for more instead.
+    # * Anything longer, and what follows, is kept and set at close (FLUSH),
+    #   where cat, dd, tr, tee, cp and Python see the error.  FLUSH comes at
+    #   the close of every descriptor of the open file: only new bytes are sent.
+    # * Text that no more bytes can make valid ("maybe" for a bool, bad JSON
+    #   before its end) is refused at the write() that shows it (EINVAL), and a
+    #   value past MAX_WRITE at the write() that crosses it (EFBIG).
+    # * Once this open file's value was refused, its later writes get the same
+    #   error and nothing more is sent for it.
+
     @_operation
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         if self.read_only:
             raise FuseOSError(errno.EROFS)
         handle = self._handle(fi)
-        if offset != len(handle.written):
+        with handle.lock:
+            if handle.failed:
+                raise FuseOSError(handle.failed)
+            with self._refusals(handle):
+                return self._write(handle, data, offset)
+
+    def _write(self, handle: _Handle, data: bytes, offset: int) -> int:
+        if offset == 0 and handle.value:
+            handle.value.clear()  # written again from the start: a new value
+            handle.sent = True
+        if offset != len(handle.value):
             # Only a value written from the start, possibly over several
             # write() calls, makes sense; never a patch in the middle.
             raise InvalidValue(
                 f"write at offset {offset}: a value must be written whole, from offset 0"
             )
-        value = handle.written + data
-        self.tree.write(handle.path, value)
-        handle.written = value
+        size = len(handle.value) + len(data)
+        if size > MAX_WRITE:
+            raise ValueTooLarge(f"value of {size} bytes or more is larger than {MAX_WRITE}")
+        if handle.qom_type is None:
+            node = self.tree.lookup(handle.path)
+            if node.kind is Kind.OBJECT or node.prop is None:
+                raise FuseOSError(errno.EISDIR)
+            handle.qom_type = node.prop.type
+        first = not handle.value
+        handle.value += data
+        handle.sent = False
         handle.data = None
+        verdict, err = judge(bytes(handle.value), handle.qom_type)
+        whole = first and len(data) < WRITE_BLOCK and len(data) % DD_BLOCK != 0
+        if whole and (verdict is Verdict.VALID or data.endswith(b"\n")):
+            handle.sent = True
+            self.tree.write(handle.path, bytes(handle.value))
+        elif verdict is Verdict.INVALID:
+            assert err is not None
+            raise err
         return len(data)
 
+    @contextlib.contextmanager
+    def _refusals(self, handle: _Handle) -> Iterator[None]:
+        """Remember the errno of a refusal: this open file sends nothing more."""
+        try:
+            yield
+        except FuseOSError as err:
+            handle.failed = err.errno
+            raise
+        except QomfsError as err:
+            handle.failed = errno_for(err)
+            raise
+        except Exception:
+            handle.failed = errno.EIO
+            raise
+
     @_operation
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+    def flush(self, path: str, fi: Any) -> int:
+        """close() of a descriptor: set the value written since the last one."""
+        with self._handles_lock:
+            handle = self._handles.get(fi.fh)
+        if handle is None:
+            return 0
+        with handle.lock:
+            self._send(handle)
+        return 0
+
+    def _send(self, handle: _Handle) -> None:
+        if handle.failed or handle.sent:
+            return
+        handle.sent = True  # once: a refusal is not sent again at the next close
+        with self._refusals(handle):
+            self.tree.write(handle.path, bytes(handle.value))
+
+    @_operation
+    def truncate(self, path: str, length: int, fi: Any = None) -> int:
         if self.read_only:
             raise FuseOSError(errno.EROFS)
         node = self.tree.lookup(path)
@@ -352,16 +561,28 @@ class QOMFS(Operations):  # type: ignore[misc]
             # Truncation to 0 is what "> file" does before the write; any
             # other length has no meaning for a property.
             raise FuseOSError(errno.EINVAL)
+        fh: int | None = getattr(fi, "fh", None)  # only ftruncate() passes the open file
+        with self._handles_lock:
+            handle = self._handles.get(fh) if fh is not None else None
+        if handle is not None:
+            # ftruncate(fd, 0): what this open file wrote is gone, not set.
+            with handle.lock:
+                handle.value.clear()
+                handle.sent = True
         return 0
 
     def release(self, path: str, fi: Any) -> int:
         with self._handles_lock:
-            self._handles.pop(fi.fh, None)
+            handle = self._handles.pop(fi.fh, None)
+        if handle is not None and not handle.sent and not handle.failed:
+            # No FLUSH came (the kernel sends one at every close, so hardly
+            # ever): the value is set still; nobody is left to hear an error.
+            with handle.lock:
+                try:
+                    self._send(handle)
+                except Exception as err:  # logged: nobody is left to tell
+                    log.warning("%s: value written and closed, then refused: %s", path, err)
         return 0
-
-    # No flush(): unregistered, it costs one ENOSYS, and then the kernel stops
-    # sending FLUSH on every close (one FUSE round trip less per file read).
-    flush = None
 
     def utimens(self, path: str, times: Any = None) -> int:
         return 0  # touch(1) works and changes nothing
