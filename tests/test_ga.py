@@ -32,7 +32,7 @@ import pytest
 
 from qomfs.ga import AgentClient, AgentCommandError, AgentTimeout
 from qomfs.ga.client import LONG_TIMEOUTS, NO_REPLY, timeout_for
-from qomfs.ga.main import main
+from qomfs.ga.main import main, read_file
 from tests.harness import ROOT, missing, qemu_vm, wait_for
 
 QGA = os.environ.get("QOMFS_QEMU_GA") or shutil.which("qemu-ga") or "/usr/sbin/qemu-ga"
@@ -694,3 +694,14 @@ def test_an_error_reply_carries_its_class(tmp_path: Path) -> None:
             {"a": 1},
         )
         assert "disabled" in str(exc.value)
+
+
+def test_a_failed_read_still_closes_the_file(file_agent: Agent, tmp_path: Path) -> None:
+    # A directory opens for reading, and then every read of it fails (EISDIR).
+    with AgentClient(file_agent.address) as client:
+        with pytest.raises(AgentCommandError) as exc:
+            read_file(client, str(tmp_path))
+        assert exc.value.command == "guest-file-read"
+        assert client.sent[-3:] == ["guest-file-open", "guest-file-read", "guest-file-close"]
+    line = one_error_line(cli("--address", file_agent.address, "cat", str(tmp_path)))
+    assert "guest-file-read failed" in line and "Is a directory" in line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -115,13 +116,12 @@ def read_file(client: AgentClient, path: str) -> bytes:
             chunks.append(base64.b64decode(ret.get("buf-b64", "")))
             if ret.get("eof") or not ret.get("count"):
                 break
-    finally:
-        # Close even after a failed read, but never hide the read's error.
-        try:
+    except BaseException:
+        # Close the handle, but report the read's error, not the close's.
+        with contextlib.suppress(AgentError):
             client.execute("guest-file-close", {"handle": handle})
-        except AgentError:
-            if sys.exc_info()[0] is None:
-                raise
+        raise
+    client.execute("guest-file-close", {"handle": handle})
     return b"".join(chunks)
 
 
