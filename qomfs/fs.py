@@ -187,10 +187,12 @@ _INT_START = re.compile(
     r"(?:\s*[kmgtpeKMGTPE]?[iI]?[bB]?)?\s*"
 )
 _FLOAT_START = re.compile(r"\s*[+-]?[0-9_.eEinfatyINFATY+-]*\s*")
-#: A JSON number, literal or escape cut short at the end of the text.
-_JSON_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?|[a-zA-Z-]+|\\(?:u[0-9a-fA-F]{0,3})?")
+#: A JSON number cut short at the end of the text ("1.", "-", "2e-").
+_JSON_NUMBER_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
 #: What a boolean may be written as (qomfs.values' words).
 _BOOL_WORDS = values._TRUE | values._FALSE
+#: A \\u escape cut short, or a surrogate pair's first half waiting for its second.
+_JSON_ESCAPE_CUT = re.compile(r"\\?u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,3})?)?")
 _JSON_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 
 
@@ -255,9 +257,13 @@ def _json_may_continue(text: str) -> bool:
         rest = text[err.pos :]
         if not rest.strip():
             return True  # it ran out of text between two tokens
-        if _JSON_CUT.fullmatch(rest) is None:
-            return False
-        return not rest[:1].isalpha() or any(w.startswith(rest) for w in _JSON_WORDS)
+        # A number, a literal or a \u escape cut short ("Unterminated
+        # string" above is what most cut strings give).
+        return (
+            _JSON_NUMBER_CUT.fullmatch(rest) is not None
+            or _JSON_ESCAPE_CUT.fullmatch(rest) is not None
+            or any(w.startswith(rest) for w in _JSON_WORDS)
+        )
     return True  # it parses: then parse_value failed for another reason
 
 
