@@ -10,7 +10,11 @@ Fault knobs (plain attributes, may change while running): ``pretty``,
 ``chunk`` (write in pieces of 1..chunk bytes), ``delay`` (seconds before the
 reply, by command), ``inject`` (messages sent before the reply, by command),
 ``drop_after`` (answer N commands on a connection, then hang up on the next
-one; fires once), ``greeting`` ("qmp", "none" for a busy monitor, or raw bytes).
+one; fires once), ``greeting`` ("qmp", "none" for a busy monitor, or raw bytes),
+``reading`` (False: stop reading the socket, as a stopped QEMU does, so the
+client's sends fill the socket buffer), ``rewrite`` (``rewrite(request,
+reply)`` returns what is sent instead of the reply: messages or raw bytes, in
+order; it may keep a reply back and send it later, out of order).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 Tree = dict[str, list[dict[str, Any]]]
+#: What a ``rewrite`` hook sends instead of a reply.
+Outgoing = list[dict[str, Any] | bytes]
 
 GREETING: dict[str, Any] = {
     "QMP": {
@@ -85,6 +91,8 @@ class FakeQMP:
         self.delay: dict[str, float] = {}
         self.inject: dict[str, list[dict[str, Any]]] = {}
         self.drop_after: int | None = None
+        self.reading = True
+        self.rewrite: Callable[[dict[str, Any], dict[str, Any]], Outgoing] | None = None
         self.connections = 0
         self._counts: collections.Counter[str] = collections.Counter()
         self.requests: list[dict[str, Any]] = []  # every message received, as sent
@@ -148,6 +156,12 @@ class FakeQMP:
             return False
         return self._send(conn, msg)
 
+    def send_raw(self, data: bytes) -> bool:
+        """Send bytes as they are to the current negotiated client."""
+        with self._lock:
+            conn = self._conn if self._negotiated else None
+        return conn is not None and self._write(conn, data)
+
     def delete(self, path: str) -> None:
         """Remove the object at ``path`` and below, then send DEVICE_DELETED."""
         parent, _, name = path.rpartition("/")
@@ -194,9 +208,13 @@ class FakeQMP:
         text, utf8, seen = "", codecs.getincrementaldecoder("utf-8")(), 0
         decoder = json.JSONDecoder()
         while not self._stop.is_set():
+            if not self.reading:
+                self._stop.wait(0.01)
+                continue
             try:
                 data = sock.recv(65536)
             except TimeoutError:
+                self._idle(sock)
                 continue
             except OSError:
                 break
@@ -237,7 +255,15 @@ class FakeQMP:
             reply = {"error": {"class": err.cls, "desc": err.desc}}
         if "id" in msg:
             reply["id"] = msg["id"]
-        self._send(sock, reply)
+        rewrite = self.rewrite
+        for out in rewrite(msg, reply) if rewrite is not None else [reply]:
+            if isinstance(out, bytes):
+                self._write(sock, out)
+            else:
+                self._send(sock, out)
+
+    def _idle(self, sock: socket.socket) -> None:
+        """Called when no request came for a moment (subclasses send what they held)."""
 
     def _send(self, sock: socket.socket, msg: dict[str, Any]) -> bool:
         text = json.dumps(msg, indent=4 if self.pretty else None, ensure_ascii=False)

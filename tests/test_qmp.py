@@ -23,8 +23,16 @@ from qomfs.errors import (
     ExecuteError,
     ProtocolError,
 )
-from qomfs.qmp import MAX_ASYNC, MAX_BATCH, Event, JSONStreamDecoder, QMPClient, State
-from tests.fakeqmp import BASE_COMMANDS, GARBAGE, IDLESS_ERROR, FakeQMP, Tree, event
+from qomfs.qmp import (
+    MAX_ASYNC,
+    MAX_BATCH,
+    STUCK_GRACE,
+    Event,
+    JSONStreamDecoder,
+    QMPClient,
+    State,
+)
+from tests.fakeqmp import BASE_COMMANDS, GARBAGE, IDLESS_ERROR, FakeQMP, Outgoing, Tree, event
 
 LABEL = "héllo wörld ✓ 日本語 🎉 \\x2f"
 TREE: Tree = {
@@ -40,6 +48,11 @@ TREE: Tree = {
 }
 
 
+#: What a bound on a wait may add to the configured timeout: scheduling on a
+#: loaded machine (issue 13 allows "timeout + 2 s").
+SLACK = 2.0
+
+
 def get(client: QMPClient, prop: str, path: str = "/machine") -> Any:
     return client.execute("qom-get", {"path": path, "property": prop})
 
@@ -47,6 +60,34 @@ def get(client: QMPClient, prop: str, path: str = "/machine") -> Any:
 def state(client: QMPClient) -> State:
     """The client's state, read anew (mypy would keep an earlier narrowing)."""
     return client.state
+
+
+def asking(name: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether a request is a qom-get of property ``name``."""
+    return lambda msg: msg.get("arguments", {}).get("property") == name
+
+
+def like(reply: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A message with ``reply``'s id (if it has one) and ``fields``."""
+    return {**fields, **{k: v for k, v in reply.items() if k == "id"}}
+
+
+def bounded(func: Callable[[], Any], limit: float) -> Any:
+    """``func()``'s value or exception, on a thread: fails the test when it
+    has not returned after ``limit`` seconds (it hangs)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(func())
+        except Exception as err:
+            out.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert out, f"still waiting after {limit:g} s"
+    return out[0]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
@@ -147,16 +188,17 @@ def test_idless_error_does_not_kill_the_session(fake: FakeQMP) -> None:
 # --- replies, errors, timeouts ------------------------------------------------
 
 
-def test_commands_carry_no_id(fake: FakeQMP) -> None:
-    """Replies are matched in order: an id costs QEMU CPU on every command."""
+def test_every_command_carries_its_own_id(fake: FakeQMP) -> None:
+    """Replies are matched by the id QEMU echoes, never by position."""
     with QMPClient(fake.path) as client:
         assert get(client, "label") == LABEL
-        assert fake.requests and all("id" not in msg for msg in fake.requests)
         assert [m["execute"] for m in fake.requests] == [
             "qmp_capabilities",
             "query-commands",
             "qom-get",
         ]
+        ids = [m["id"] for m in fake.requests]
+        assert len(set(ids)) == 3 and all(isinstance(i, int) for i in ids)
 
 
 def test_unparsable_requests_are_refused_before_sending(fake: FakeQMP) -> None:
@@ -229,7 +271,7 @@ def test_command_timeout_keeps_the_connection(fake: FakeQMP) -> None:
         started = time.monotonic()
         with pytest.raises(CommandTimeout) as info:
             client.execute("qom-get", {"path": "/machine", "property": "label"}, timeout=0.15)
-        assert 0.15 <= time.monotonic() - started < 0.45
+        assert 0.15 <= time.monotonic() - started < 0.15 + SLACK
         assert (info.value.command, info.value.timeout) == ("qom-get", 0.15)
         fake.delay.clear()
         # The late qom-get reply arrives first and must not be taken for this one.
@@ -238,6 +280,225 @@ def test_command_timeout_keeps_the_connection(fake: FakeQMP) -> None:
             {"name": "machine", "type": "child<pc-q35-7.2-machine>"},
         ]
         assert client.state is State.READY
+
+
+# --- replies that match no command, and odd messages (issue 13, items 3 and 4) ---
+# Each of these fails on the client before ids (replies matched by position,
+# no catch-all in the reader); the notes say how each was checked.
+
+ODD_ERROR: dict[str, Any] = {"error": {"class": "GenericError", "desc": "an odd complaint"}}
+
+
+def test_an_idless_error_of_any_text_answers_nobody(fake: FakeQMP) -> None:
+    """Not only the texts QEMU's parser uses: no id, no command answered."""
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.inject["qom-get"] = [ODD_ERROR]
+        assert get(client, "label") == LABEL
+        assert get(client, "dump-guest-core") is True
+        assert client.state is State.READY and fake.connections == 1
+
+
+def test_a_reply_with_an_unknown_id_drops_the_connection(fake: FakeQMP) -> None:
+    timeout = 3.0
+    with QMPClient(fake.path, timeout=timeout) as client:
+        fake.rewrite = lambda msg, reply: [{**reply, "id": 987654321}]
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="no command in flight"):
+            get(client, "label")
+        assert time.monotonic() - started < timeout  # dropped at once, not timed out
+        wait_until(lambda: client.state is State.LOST)
+        fake.rewrite = None
+        assert get(client, "label") == LABEL  # the next command reconnects
+        assert fake.connections == 2
+
+
+def test_replies_out_of_order_reach_their_own_callers(fake: FakeQMP) -> None:
+    held: list[dict[str, Any]] = []
+
+    def swap(msg: dict[str, Any], reply: dict[str, Any]) -> Outgoing:
+        if asking("label")(msg):
+            held.append(reply)  # answered after the next command's reply
+            return []
+        return [reply, *held]
+
+    with QMPClient(fake.path, timeout=3) as client:
+        fake.rewrite = swap
+        first = threading.Thread(target=lambda: results.append(("label", get(client, "label"))))
+        results: list[tuple[str, Any]] = []
+        first.start()
+        wait_until(lambda: bool(held))
+        results.append(("dump-guest-core", get(client, "dump-guest-core")))
+        first.join(3)
+        assert sorted(results) == [("dump-guest-core", True), ("label", LABEL)]
+        assert fake.connections == 1 and client.state is State.READY
+
+
+def test_a_duplicated_reply_is_never_the_next_callers_answer(fake: FakeQMP) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def duplicate(msg: dict[str, Any], reply: dict[str, Any]) -> Outgoing:
+        # The copy comes just before the next reply, while its command waits.
+        out: Outgoing = [*sent, reply]
+        sent[:] = [reply] if asking("label")(msg) else []
+        return out
+
+    with QMPClient(fake.path, timeout=3) as client:
+        fake.rewrite = duplicate
+        assert get(client, "label") == LABEL
+        with pytest.raises(ConnectionLost, match="no command in flight"):
+            get(client, "dump-guest-core")  # not LABEL, the duplicate
+        fake.rewrite = None
+        assert get(client, "dump-guest-core") is True
+        assert fake.connections == 2
+
+
+def test_a_late_reply_after_a_timeout_is_dropped_quietly(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.delay["qom-get"] = 0.4
+        with pytest.raises(CommandTimeout):
+            client.execute("qom-get", {"path": "/machine", "property": "label"}, timeout=0.1)
+        fake.delay.clear()
+        assert client.execute("qom-list", {"path": "/"})[1]["name"] == "machine"
+        assert get(client, "dump-guest-core") is True
+        assert fake.connections == 1 and client.state is State.READY
+
+
+def test_a_reply_that_never_comes_frees_its_slot_with_the_connection(fake: FakeQMP) -> None:
+    """A timed-out command keeps its slot while its reply may still come; a
+    connection with a command unanswered long past its deadline is dropped,
+    and the next command reconnects."""
+    timeout = 0.2
+    with QMPClient(fake.path, timeout=timeout) as client:
+        fake.rewrite = lambda msg, reply: [] if asking("label")(msg) else [reply]
+        for _ in range(MAX_ASYNC):
+            assert client.submit([("qom-get", {"path": "/machine", "property": "label"})], noop)
+        assert not client.has_room(1)  # timed out or not, the slots are held
+        time.sleep(timeout + 0.05)
+        assert not client.has_room(1)
+        fake.rewrite = None
+        # Past its deadline by the grace, the connection is given up.
+        wait_until(lambda: client.state is State.LOST, timeout + STUCK_GRACE + 2)
+        assert client.has_room(MAX_ASYNC)
+        assert get(client, "label") == LABEL
+        assert fake.connections == 2
+
+
+def noop(index: int, result: Any) -> None:
+    pass
+
+
+def test_a_server_that_stops_reading_cannot_block_a_send(fake: FakeQMP) -> None:
+    """A stopped QEMU with a full socket buffer: the send is bounded by the
+    command's timeout, and the half-sent message costs the connection."""
+    timeout = 0.5
+    with QMPClient(fake.path, timeout=timeout) as client:
+        fake.reading = False
+        value = "x" * 900_000  # more than the socket buffers hold
+        args = {"path": "/machine", "property": "label", "value": value}
+        started = time.monotonic()
+        outcome = bounded(lambda: client.execute("qom-set", args), timeout + 5)
+        assert isinstance(outcome, CommandTimeout), outcome
+        assert time.monotonic() - started < timeout + SLACK
+        assert client.state is State.LOST
+        fake.reading = True
+        wait_until(lambda: get_or_none(client, "label") == LABEL, 5)
+        assert fake.connections == 2
+
+
+def get_or_none(client: QMPClient, prop: str) -> Any:
+    try:
+        return get(client, prop)
+    except ConnectionLost:
+        return None
+
+
+def test_a_garbage_timestamp_is_tolerated(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        seen: list[Event] = []
+        client.subscribe(seen.append)
+        fake.inject["qom-get"] = [
+            {"event": "RTC_CHANGE", "data": {"offset": 1}, "timestamp": "yesterday"},
+            {"event": "X", "data": [1, 2], "timestamp": {"seconds": "1", "microseconds": 2}},
+        ]
+        assert get(client, "label") == LABEL
+        assert seen == [Event("RTC_CHANGE", {"offset": 1}, 0.0), Event("X", {}, 0.0)]
+        assert client.state is State.READY and fake.connections == 1
+
+
+@pytest.mark.parametrize("garbage", [b"[1, 2]\r\n", b'{"return": 1, "id": ]\r\n'])
+def test_a_message_that_is_no_json_object_drops_the_connection(
+    fake: FakeQMP, garbage: bytes
+) -> None:
+    timeout = 3.0
+    with QMPClient(fake.path, timeout=timeout) as client:
+        fake.rewrite = lambda msg, reply: [garbage]
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            get(client, "label")
+        assert time.monotonic() - started < timeout  # dropped, not timed out
+        fake.rewrite = None
+        assert get(client, "label") == LABEL
+        assert fake.connections == 2
+
+
+def test_an_error_that_is_not_an_object(fake: FakeQMP) -> None:
+    """The caller gets a clear error; the reader and the session go on."""
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.rewrite = lambda msg, reply: [like(reply, error="boom")]
+        with pytest.raises(ProtocolError, match="malformed error reply to 'qom-get'"):
+            get(client, "label")
+        answers = Answers()
+        assert client.submit([("qom-get", {"path": "/machine", "property": "label"})], answers)
+        (result,) = answers.wait(1)
+        assert isinstance(result, ProtocolError)
+        fake.rewrite = None
+        assert get(client, "label") == LABEL
+        assert fake.connections == 1 and client.state is State.READY
+
+
+def test_a_return_of_an_unexpected_shape(fake: FakeQMP) -> None:
+    """execute() hands over whatever ``return`` holds; the reader survives."""
+    with QMPClient(fake.path, timeout=2) as client:
+        fake.rewrite = lambda msg, reply: [like(reply, **{"return": [1, {"x": None}]})]
+        assert get(client, "label") == [1, {"x": None}]
+        fake.rewrite = None
+        assert get(client, "label") == LABEL
+        assert fake.connections == 1
+
+
+def test_query_commands_of_an_unexpected_shape_is_a_connect_error(fake: FakeQMP) -> None:
+    fake.rewrite = lambda msg, reply: (
+        [like(reply, **{"return": 5})] if msg["execute"] == "query-commands" else [reply]
+    )
+    message = connect_error(fake.path)
+    assert "negotiating capabilities failed" in message and "query-commands" in message
+
+
+# --- raw requests and no negotiation (for a QMP shell) ---------------------------
+
+
+def test_request_returns_the_whole_reply_with_the_callers_id(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2) as client:
+        msg = {"execute": "qom-get", "arguments": {"path": "/machine", "property": "label"}}
+        assert client.request({**msg, "id": "mine"}) == {"return": LABEL, "id": "mine"}
+        assert client.request(msg) == {"return": LABEL}
+        reply = client.request({"execute": "nope", "id": [1]})
+        assert reply["id"] == [1] and reply["error"]["class"] == "CommandNotFound"
+        # On the wire the client's own ids, never the caller's.
+        assert all(isinstance(m["id"], int) for m in fake.requests)
+        assert client.command_counts()["qom-get"] == 2
+
+
+def test_no_negotiation_leaves_it_to_the_caller(fake: FakeQMP) -> None:
+    with QMPClient(fake.path, timeout=2, negotiate=False) as client:
+        assert client.state is State.READY and client.version == "7.2.0"
+        assert fake.requests == [] and not client.has_command("qom-get")
+        reply = client.request(
+            {"execute": "qom-get", "arguments": {"path": "/", "property": "type"}}
+        )
+        assert reply["error"]["class"] == "CommandNotFound"  # not negotiated yet
+        assert client.request({"execute": "qmp_capabilities"}) == {"return": {}}
+        assert get(client, "type", "/") == "container"
 
 
 # --- commands nobody waits for (submit) ---------------------------------------
@@ -310,7 +571,7 @@ def test_submit_times_out_and_the_late_reply_is_skipped(fake: FakeQMP) -> None:
         assert client.submit([("qom-get", {"path": "/machine", "property": "label"})], answers)
         (result,) = answers.wait(1, timeout=2)
         assert isinstance(result, CommandTimeout) and result.command == "qom-get"
-        assert 0.2 <= time.monotonic() - started < 0.55
+        assert 0.2 <= time.monotonic() - started < 0.2 + SLACK
         fake.delay.clear()
         # The late reply comes first; it answers nothing now.
         assert client.execute("qom-list", {"path": "/"}, timeout=2)[1]["name"] == "machine"
@@ -354,14 +615,14 @@ def test_drop_fails_pending_and_later_commands(fake: FakeQMP) -> None:
             w.start()
         for w in workers:
             w.join(5)
-        assert time.monotonic() - started < 1.5  # lost, not timed out
+        assert time.monotonic() - started < 3  # lost, not timed out (the timeout is 3)
         assert outcomes.count(LABEL) == 1
         assert sum(isinstance(o, ConnectionLost) for o in outcomes) == 3
         wait_until(lambda: client.state is State.LOST)
         started = time.monotonic()
         with pytest.raises(ConnectionLost):
             get(client, "label")
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 3  # no wait for the timeout
         assert fake.connections == 1
 
 
@@ -392,7 +653,7 @@ def test_reconnects_when_the_server_comes_back(sockdir: str) -> None:
             started = time.monotonic()
             with pytest.raises(ConnectionLost):
                 get(client, "label")
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2  # no wait for the timeout
         assert client.state is State.LOST and hooks == []
 
         tree = {**TREE, "/machine": [{"name": "label", "type": "string", "value": "second"}]}
@@ -428,7 +689,7 @@ def connect_error(path: str, timeout: float = 2.0) -> str:
     started = time.monotonic()
     with pytest.raises(ConnectError) as info:
         client.connect()
-    assert time.monotonic() - started < timeout + 1
+    assert time.monotonic() - started < timeout + SLACK
     client.close()
     return str(info.value)
 
@@ -498,7 +759,7 @@ def test_listen_mode_without_qemu_fails_fast(sockdir: str) -> None:
         started = time.monotonic()
         with pytest.raises(ConnectionLost, match="not connected"):
             get(client, "label")
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 0.3 + SLACK
 
 
 # --- the decoder -------------------------------------------------------------
