@@ -361,7 +361,8 @@ class AgentClient:
             self.close()
             raise AgentClosed(
                 self.address,
-                f"{describe(self.address)}: the channel closed while waiting for {command}",
+                f"{describe(self.address)}: the channel closed while waiting for {command}: "
+                "is QEMU (or the agent) still running?",
             )
         return data
 
