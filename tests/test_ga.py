@@ -705,3 +705,16 @@ def test_a_failed_read_still_closes_the_file(file_agent: Agent, tmp_path: Path) 
         assert client.sent[-3:] == ["guest-file-open", "guest-file-read", "guest-file-close"]
     line = one_error_line(cli("--address", file_agent.address, "cat", str(tmp_path)))
     assert "guest-file-read failed" in line and "Is a directory" in line
+
+
+def test_a_channel_that_closes_at_once(tmp_path: Path) -> None:
+    # What socat does when the agent's socket behind it is gone.
+    def handler(msg: dict[str, Any], conn: socket.socket) -> None:
+        conn.shutdown(socket.SHUT_RDWR)
+
+    with fake_agent(tmp_path, handler) as fake:
+        line = one_error_line(cli("--address", str(fake.path), "hostname"))
+    assert line == (
+        f"qemu-ga-client: {fake.path}: the channel closed while waiting for "
+        "guest-sync-delimited: is QEMU (or the agent) still running?"
+    )
