@@ -46,6 +46,7 @@ OWN_OPTIONS = {
     "no_readahead": "no_readahead",
     "allow_unrealize": "allow_unrealize",
     "listen": "listen",
+    "listen_group": "listen_group",
 }
 
 
@@ -109,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         metavar="PATH",
         help="create a unix socket at PATH and let QEMU connect to it (QEMU: -qmp unix:PATH "
-        "without server=on); the race-free launch, and QEMU may come and go",
+        "without server=on); the race-free launch, and QEMU may come and go. Only a stale "
+        "socket at PATH is replaced; the new one has mode 0600",
+    )
+    p.add_argument(
+        "--listen-group",
+        metavar="GROUP",
+        help="with --listen: give the socket to GROUP with mode 0660, so that a QEMU running "
+        "as another user in GROUP can connect",
     )
     p.add_argument(
         "--socket-dir",
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if not options.pop("noauto_unmount", False):
         options.setdefault("auto_unmount", True)
     socket_path = args.socket_dir or args.listen or args.socket or os.environ.get("QMP_SOCKET")
+    if args.listen_group and not args.listen:
+        return _fail("--listen-group needs --listen")
     if args.socket_dir and not os.path.isdir(args.socket_dir):
         return _fail(f"{args.socket_dir}: not a directory")
     if not socket_path:
@@ -268,6 +278,7 @@ def _serve(
             timeout=args.timeout,
             connect_timeout=args.connect_timeout,
             listen=bool(args.listen),
+            listen_group=args.listen_group,
         )
         try:
             client.connect()
