@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from qomfs.cache import TTLCache
@@ -29,6 +29,18 @@ log = logging.getLogger("qomfs.forest")
 
 #: The type a VM's directory reports (user.qom.type) in the forest's root.
 VM_TYPE = "qemu-vm"
+
+
+@dataclass(frozen=True)
+class _VM:
+    """One VM of the forest: the connection the forest made, and its tree."""
+
+    client: QMPClient
+    tree: QOMTree
+
+    def close(self) -> None:
+        self.client.close()
+        self.tree.close()
 
 
 def is_listening(path: str) -> bool:
@@ -63,7 +75,7 @@ class Forest:
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._scan: TTLCache[str, list[str]] = TTLCache(ttl, clock)
-        self._trees: dict[str, QOMTree] = {}
+        self._vms: dict[str, _VM] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -84,28 +96,24 @@ class Forest:
             with contextlib.suppress(OSError):
                 if not stat.S_ISSOCK(entry.stat().st_mode):
                     continue
-                tree = self._trees.get(entry.name)
+                vm = self._vms.get(entry.name)
                 # Our own live connection says enough; otherwise a connect()
                 # tells a live QEMU from a stale socket left by a dead one.
-                if (tree is not None and tree.client.state is State.READY) or is_listening(
-                    entry.path
-                ):
+                if (vm is not None and vm.client.state is State.READY) or is_listening(entry.path):
                     found.append(entry.name)
         with self._lock:
-            gone = [n for n in self._trees if n not in found]
-            dropped = [self._trees.pop(n) for n in gone]
-        for tree in dropped:
-            log.info("VM %s is gone", tree.client.address)
-            tree.client.close()
-            tree.close()
+            gone = [n for n in self._vms if n not in found]
+            dropped = [self._vms.pop(n) for n in gone]
+        for vm in dropped:
+            log.info("VM %s is gone", vm.client.address)
+            vm.close()
         return found
 
     def close(self) -> None:
         with self._lock:
-            trees, self._trees = list(self._trees.values()), {}
-        for tree in trees:
-            tree.client.close()
-            tree.close()
+            vms, self._vms = list(self._vms.values()), {}
+        for vm in vms:
+            vm.close()
 
     def _require(self, name: str) -> None:
         if name not in self.names():
@@ -114,26 +122,26 @@ class Forest:
     def _tree(self, name: str) -> QOMTree:
         self._require(name)
         with self._lock:
-            tree = self._trees.get(name)
-            if tree is not None:
-                return tree
+            vm = self._vms.get(name)
+            if vm is not None:
+                return vm.tree
             lock = self._locks.setdefault(name, threading.Lock())
         # Connect outside the forest's lock: a hung VM holds up only itself.
         with lock:
             with self._lock:
-                tree = self._trees.get(name)
-            if tree is not None:
-                return tree
+                vm = self._vms.get(name)
+            if vm is not None:
+                return vm.tree
             client = QMPClient(
                 os.path.join(self.socket_dir, name),
                 timeout=self._timeout,
                 connect_timeout=self._connect_timeout,
             )
             client.connect()  # ConnectError: EIO for this VM only
-            tree = self._make_tree(client)
+            vm = _VM(client, self._make_tree(client))
             with self._lock:
-                self._trees[name] = tree
-            return tree
+                self._vms[name] = vm
+            return vm.tree
 
     def _route(self, path: str) -> tuple[str, str]:
         """``/vm/a/b`` -> (``vm``, ``/a/b``)."""
@@ -194,8 +202,8 @@ class Forest:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            trees = dict(self._trees)
-        per_vm = {name: tree.stats() for name, tree in trees.items()}
+            vms = dict(self._vms)
+        per_vm = {name: vm.tree.stats() for name, vm in vms.items()}
         commands: dict[str, int] = {}
         for s in per_vm.values():
             for cmd, n in s["commands"].items():

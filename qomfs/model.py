@@ -466,7 +466,8 @@ class QOMTree:
         """Set the property at ``path`` from text, converted by its QOM type.
 
         Raises :class:`InvalidValue` (text or value refused),
-        :class:`NotWritable`, :class:`NotFound`, or a QMP error.
+        :class:`NotWritable`, :class:`NotFound`, :class:`Guarded` (a write
+        that can take the VM down, unless ``allow_unrealize``), or a QMP error.
         """
         if len(data) > MAX_WRITE:
             raise ValueTooLarge(f"value of {len(data)} bytes is larger than {MAX_WRITE}")
@@ -476,10 +477,8 @@ class QOMTree:
             raise NotWritable(f"{path} is an object, not a property")
         value = parse_value(decode_text(data), node.prop.type)
         if not self.allow_unrealize and is_destructive(node.prop.name, value):
-            raise Guarded(
-                f"{path}: refusing a write that can tear down or crash the VM "
-                "(mount with --allow-unrealize to permit)"
-            )
+            # (Which option permits it is the caller's to say.)
+            raise Guarded(f"{path}: refusing a write that can tear down or crash the VM")
         self.set(path, value)
 
     def write_link(self, path: str, text: str, mountpoint: str = "") -> None:
@@ -524,8 +523,8 @@ class QOMTree:
         finally:
             # Whatever happened, the old value and the object's shape
             # (links, realized) may be out of date now.
-            self._values.invalidate(lambda k: k == (obj, name))
-            self._listings.invalidate(lambda k: k == obj)
+            self._values.invalidate_key((obj, name))
+            self._listings.invalidate_key(obj)
 
     # --- QEMU's errors, classified -------------------------------------------
 

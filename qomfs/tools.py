@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from qomfs import __version__
+from qomfs.argtypes import seconds_arg
 from qomfs.errors import (
     ExecuteError,
     Guarded,
@@ -29,8 +30,9 @@ from qomfs.errors import (
     QOMError,
     QomfsError,
 )
-from qomfs.model import Property, QOMTree, join, parse_list_get
+from qomfs.model import QOMTree
 from qomfs.qmp import QMPClient
+from qomfs.tree import Property, join
 from qomfs.values import format_value
 
 SOCKET_HELP = "QMP socket: a unix socket path or HOST:PORT (default: $QMP_SOCKET)"
@@ -126,11 +128,7 @@ def qom_set(tree: QOMTree, path: str, prop: str, value: str) -> None:
             raise  # QEMU's refusal, which already names the property
         raise InvalidValue(f"{where}: {err}") from err  # the text did not convert
     except Guarded as err:
-        # The model's message speaks of mount options; this is a command.
-        raise Guarded(
-            f"{where}: refusing a write that can tear down or crash the VM "
-            "(give --force to do it anyway)"
-        ) from err
+        raise Guarded(f"{err} (give --force to do it anyway)", err.cause) from err
 
 
 def qom_list(tree: QOMTree, path: str) -> Iterator[str]:
@@ -159,16 +157,17 @@ class _Object:
 def qom_tree(tree: QOMTree, path: str = "/", *, batch: bool | None = None) -> Iterator[str]:
     """QEMU's ``qom-tree`` output for the subtree at ``path``, line by line.
 
-    With ``qom-list-get`` (QEMU >= 10.1; ``batch=None`` uses it when offered)
-    the tree is fetched first with one command per level, then printed;
-    without, it is printed while walked (``qom-list`` per object, ``qom-get``
-    per property).  A property whose value the batch lacks is asked for
-    with ``qom-get``, so an unreadable one shows QEMU's reason either way.
-    Objects that vanish during the walk are left out; a ``path`` that is not
-    an object raises :class:`NotFound`.  QMP failures propagate.
+    With ``qom-list-get`` (QEMU >= 10.1; ``batch=None`` uses it when
+    ``tree.batch``) the tree is fetched first with one command per level
+    (:meth:`QOMTree.list_get`), then printed; without, it is printed while
+    walked (``qom-list`` per object, ``qom-get`` per property).  A property
+    whose value the batch lacks is asked for with ``qom-get``, so an
+    unreadable one shows QEMU's reason either way.  Objects that vanish
+    during the walk are left out; a ``path`` that is not an object raises
+    :class:`NotFound`.  QMP failures propagate.
     """
     if batch is None:
-        batch = tree.client.has_command("qom-list-get")
+        batch = tree.batch
     if batch:
         fetched = _fetch_levels(tree, path)
         return _tree_lines(tree, path, fetched.get)
@@ -190,36 +189,10 @@ def _fetch_levels(tree: QOMTree, root: str) -> dict[str, _Object]:
     out: dict[str, _Object] = {}
     level = [root]
     while level:
-        for obj in _fetch_level(tree, level, level == [root]):
-            out[obj.path] = obj
+        for listing, values in tree.list_get(level, gone_ok=level != [root]):
+            out[listing.path] = _Object(listing.path, list(listing.properties.values()), values)
         level = [child for path in level if path in out for child in out[path].children()]
     return out
-
-
-def _fetch_level(tree: QOMTree, paths: list[str], is_root: bool) -> list[_Object]:
-    try:
-        return _batch(tree, paths)
-    except ExecuteError:
-        # One path that is gone (or never was) fails the whole batch:
-        # ask for each alone, and let qom-list classify the ones that fail.
-        pass
-    out = []
-    for path in paths:
-        try:
-            out.extend(_batch(tree, [path]))
-        except ExecuteError:
-            obj = _listed(tree, path, must_exist=is_root)
-            if obj is not None:
-                out.append(obj)
-    return out
-
-
-def _batch(tree: QOMTree, paths: list[str]) -> list[_Object]:
-    reply = tree.client.execute("qom-list-get", {"paths": paths})
-    return [
-        _Object(listing.path, list(listing.properties.values()), values)
-        for listing, values in parse_list_get(paths, reply)
-    ]
 
 
 def _tree_lines(
@@ -263,7 +236,7 @@ def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser
     p.add_argument("-s", "--socket", help=SOCKET_HELP)
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg(timeout=True),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for the connection and for each answer (default 5)",
@@ -293,6 +266,7 @@ def _run(
     work: Callable[[QOMTree], Iterator[str] | None],
     *,
     force: bool = False,
+    batch: bool = False,
 ) -> int:
     """Connect, run ``work``, print its lines; turn failures into one line and 1."""
     address = _socket(parser, args)
@@ -300,9 +274,10 @@ def _run(
     client = QMPClient(address, timeout=args.timeout, connect_timeout=args.timeout, reconnect=False)
     try:
         client.connect()
-        # ttl=0: every answer comes straight from QEMU; batching is chosen
-        # here (qom-tree), not by the model.
-        lines = work(QOMTree(client, ttl=0, batch=False, allow_unrealize=force))
+        # ttl=0: every answer comes straight from QEMU.  ``batch``: whether
+        # qom-list-get may be used (by qom-tree) where QEMU has it.
+        tree = QOMTree(client, ttl=0, batch=None if batch else False, allow_unrealize=force)
+        lines = work(tree)
         if lines is not None:
             _print_lines(lines, sys.stdout)
     except QomfsError as err:
@@ -375,8 +350,7 @@ def main_tree(argv: list[str] | None = None, prog: str = "qom-tree") -> int:
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
     )
     args = parser.parse_args(argv)
-    batch = False if args.no_batch else None
-    return _run(prog, parser, args, lambda tree: qom_tree(tree, args.path, batch=batch))
+    return _run(prog, parser, args, lambda tree: qom_tree(tree, args.path), batch=not args.no_batch)
 
 
 def _main_fuse(argv: list[str] | None = None, prog: str = "qom fuse") -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from qomfs import __version__
 from qomfs.errors import NotFound
 from qomfs.model import QOMTree
 from qomfs.qmp import QMPClient
-from qomfs.tools import _fetch_level, qom_tree
+from qomfs.tools import main as qom_main
+from qomfs.tools import main_get, main_list, main_set, main_tree, qom_tree
+from qomfs.tree import Listing
 from tests.harness import ROOT, VM, RawQMP, expected_text, missing, qemu_vm, walk_qmp
 
 CHROOT = Path(os.environ.get("QOMFS_QEMU11_ROOT", "/var/lib/qomfs/trixie"))
@@ -330,11 +332,80 @@ def test_tree_11_batch_and_no_batch_agree(vm11: VM) -> None:
     assert batched.stdout == plain.stdout and batched.stdout.count("\n\n") > 50
 
 
+def spent_on(client: QMPClient, work: Callable[[], object]) -> dict[str, int]:
+    before = client.command_counts()
+    work()
+    after = client.command_counts()
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
 def test_tree_11_level_with_a_vanished_object(client11: QMPClient) -> None:
+    """qom-tree's levels come through the model's one fallback: a path gone
+    fails the batch, so each is asked alone, and qom-list says why."""
     tree = QOMTree(client11, ttl=0)
-    objs = _fetch_level(tree, ["/machine", "/machine/nope", "/chardevs"], is_root=False)
-    assert [o.path for o in objs] == ["/machine", "/chardevs"]
-    assert any(p.name == "type" for p in objs[0].properties)
-    assert objs[0].values["type"].startswith("pc-q35-")
+    got: list[tuple[Listing, dict[str, Any]]] = []
+    level = ["/machine", "/machine/nope", "/chardevs"]
+    spent = spent_on(client11, lambda: got.extend(tree.list_get(level, gone_ok=True)))
+    assert [listing.path for listing, _ in got] == ["/machine", "/chardevs"]
+    assert "type" in got[0][0].properties
+    assert got[0][1]["type"].startswith("pc-q35-")
+    assert spent == {"qom-list-get": 1 + len(level), "qom-list": 1}
+
+
+def test_tree_11_root_that_is_no_object(client11: QMPClient) -> None:
+    tree = QOMTree(client11, ttl=0)
     with pytest.raises(NotFound):
-        _fetch_level(tree, ["/nope"], is_root=True)
+        list(qom_tree(tree, "/nope"))
+    # One qom-list-get refused, then qom-list for QEMU's reason (the same
+    # path was once asked alone a second time).
+
+    def list_it() -> None:
+        with pytest.raises(NotFound):
+            tree.list_get(["/nope"])
+
+    spent = spent_on(client11, list_it)
+    assert spent == {"qom-list-get": 1, "qom-list": 1}
+
+
+# --- --timeout: the same checks and words as qom-fuse's ---------------------------
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], entry: Callable[[], int]) -> str:
+    """The one line an entry point that exits 2 prints last, after "error: "."""
+    with pytest.raises(SystemExit) as exc:
+        entry()
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    prog, sep, message = line.partition(": error: ")
+    assert sep and prog, line
+    return message
+
+
+#: Each tool's entry point, with arguments after the timeout.
+TOOLS: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
+    "qom-get": (main_get, ["/machine.type"]),
+    "qom-set": (main_set, ["/machine.graphics", "false"]),
+    "qom-list": (main_list, ["/machine"]),
+    "qom-tree": (main_tree, ["/machine"]),
+    "qom get": (lambda args: qom_main(["get", *args]), ["/machine.type"]),
+}
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1", "1e7", "inf", "soon"])
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_bad_timeout_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], value: str, tool: str
+) -> None:
+    from qomfs import cli
+
+    fuse = usage_error(capsys, lambda: cli.main(["--timeout", value, "-s", "/x", "/mnt"]))
+    assert fuse.startswith("argument --timeout: ")
+    assert "a timeout is" in fuse or "not a number" in fuse
+    entry, rest = TOOLS[tool]
+    args = ["-s", "/nonexistent.sock", "--timeout", value, *rest]
+    assert usage_error(capsys, lambda: entry(args)) == fuse
+
+
+def test_good_timeout_goes_on_to_connect(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_get(["-s", "/nonexistent.sock", "--timeout", "0.5", "/machine.type"]) == 1
+    assert capsys.readouterr().err.startswith("qom-get: ")
