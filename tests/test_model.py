@@ -555,3 +555,34 @@ def test_device_deleted_during_prefetch(eb: Env, monkeypatch: pytest.MonkeyPatch
     assert eb.spent() == {"qom-list-get": 3}
     with pytest.raises(NotFound):
         eb.tree.lookup(f"{NIC0}/mac")
+
+
+# --- list_get: the one fallback for qom-list-get ------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [0, 1.0])
+def test_list_get_brings_values_in_one_command(ttl: float) -> None:
+    with env(ttl=ttl, commands=WITH_BATCH) as eb:
+        got = eb.tree.list_get([NIC0, NIC1])
+        assert [listing.path for listing, _ in got] == [NIC0, NIC1]
+        assert got[0][1]["addr"] == eb.value(f"{NIC0}/addr")
+        assert eb.spent() == {"qom-list-get": 1}
+
+
+def test_list_get_asks_each_alone_when_one_is_gone() -> None:
+    with env(ttl=0, commands=WITH_BATCH) as eb:
+        paths = [NIC0, "/machine/nope", NIC1]
+        got = eb.tree.list_get(paths, gone_ok=True)
+        assert [listing.path for listing, _ in got] == [NIC0, NIC1]
+        assert got[1][1]["addr"] == eb.value(f"{NIC1}/addr")
+        # The batch, each path alone, and qom-list for QEMU's reason.
+        assert eb.spent() == {"qom-list-get": 1 + len(paths), "qom-list": 1}
+        with pytest.raises(NotFound):
+            eb.tree.list_get(paths)
+
+
+def test_list_get_without_qom_list_get_lists_with_no_values() -> None:
+    with env(ttl=0) as e0:
+        got = e0.tree.list_get([NIC0, "/machine/nope"], gone_ok=True)
+        assert [(listing.path, values) for listing, values in got] == [(NIC0, {})]
+        assert e0.spent() == {"qom-list": 2}
