@@ -429,6 +429,8 @@ def test_missing_and_refused_sockets(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         line = one_error_line(cli("--address", f"127.0.0.1:{port}", "ping"))
     assert f"tcp:127.0.0.1:{port}" in line and "refused" in line
+    line = one_error_line(cli("--address", "localhost:qga", "ping"))
+    assert line == "qemu-ga-client: localhost:qga: neither an existing socket path nor HOST:PORT"
 
 
 def test_tcp_through_socat(agent: Agent) -> None:

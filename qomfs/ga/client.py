@@ -7,16 +7,18 @@ before the first command and after any timeout the client re-synchronises with
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import random
+import select
 import socket
 import time
 from typing import Any
 
-from qomfs.errors import ProtocolError, QomfsError
-from qomfs.qmp import JSONStreamDecoder
+from qomfs.errors import ConnectError, ProtocolError, QomfsError
+from qomfs.qmp import transport
+from qomfs.qmp.framing import JSONStreamDecoder, encode
 
 log = logging.getLogger("qomfs.ga")
 
@@ -109,15 +111,7 @@ class AgentProtocolError(AgentError):
 
 def describe(address: str) -> str:
     """How an address is named in messages: a path, or ``tcp:HOST:PORT``."""
-    return address if is_unix_address(address) else f"tcp:{address}"
-
-
-def is_unix_address(address: str) -> bool:
-    """A unix socket path unless it has the form ``HOST:PORT`` with no slash."""
-    if "/" in address:
-        return True
-    host, sep, port = address.rpartition(":")
-    return not (sep and host and port.isdigit())
+    return address if transport.is_unix_address(address) else f"tcp:{address}"
 
 
 def timeout_for(command: str, timeout: float) -> float:
@@ -126,42 +120,24 @@ def timeout_for(command: str, timeout: float) -> float:
 
 
 def _connect(address: str, timeout: float) -> socket.socket:
-    """A socket connected to ``address``, or :class:`AgentConnectError`."""
+    """A non-blocking socket connected to ``address``, or :class:`AgentConnectError`."""
     where = describe(address)
-    sock: socket.socket | None = None
-    try:
-        if is_unix_address(address):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(address)
-        else:
-            host, _, port = address.rpartition(":")
-            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-    except FileNotFoundError:
-        if sock is not None:
-            sock.close()
+    if transport.is_unix_address(address) and not os.path.exists(address):
+        # Said here: the transport's own message names QMP's -qmp option.
         raise AgentConnectError(
             address,
             f"{where}: no such socket: is QEMU running with the agent's channel "
             f"(-chardev socket,path={address},server=on,...)?",
-        ) from None
-    except ConnectionRefusedError:
-        if sock is not None:
-            sock.close()
+        )
+    if not transport.is_unix_address(address) and not address.rpartition(":")[2].isdigit():
         raise AgentConnectError(
-            address, f"{where}: connection refused: is QEMU (or qemu-ga) still running there?"
-        ) from None
-    except TimeoutError:
-        if sock is not None:
-            sock.close()
-        raise AgentConnectError(
-            address, f"{where}: no connection within {timeout:g} s: is the address right?"
-        ) from None
-    except (OSError, ValueError) as err:
-        if sock is not None:
-            sock.close()
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise AgentConnectError(address, f"{where}: cannot connect: {reason}") from err
+            address, f"{address}: neither an existing socket path nor HOST:PORT"
+        )
+    try:
+        sock = transport.connect(address, timeout)
+    except ConnectError as err:
+        raise AgentConnectError(address, str(err)) from err
+    sock.setblocking(False)
     return sock
 
 
@@ -227,7 +203,7 @@ class AgentClient:
         # have left half a command in it; the agent answers that with a parse
         # error, which arrives before the sentinel and is dropped with the rest.
         msg = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
-        self._send(SENTINEL + json.dumps(msg).encode(), "guest-sync-delimited", deadline, limit)
+        self._send(SENTINEL + encode(msg), "guest-sync-delimited", deadline, limit)
         seen_sentinel = False
         while True:
             data = self._recv("guest-sync-delimited", deadline, limit)
@@ -274,8 +250,12 @@ class AgentClient:
         msg: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
+        try:
+            data = encode(msg)
+        except ValueError as err:
+            raise AgentError(self.address, f"{command}: cannot be sent: {err}") from err
         deadline = time.monotonic() + limit
-        self._send(json.dumps(msg).encode(), command, deadline, limit)
+        self._send(data, command, deadline, limit)
         try:
             reply = self._reply(ident, command, deadline, limit)
         except (AgentTimeout, AgentClosed):
@@ -324,10 +304,10 @@ class AgentClient:
     def _send(self, data: bytes, command: str, deadline: float, limit: float) -> None:
         sock = self._socket()
         try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(data)
-            self.sent.append(command)
+            transport.send_all(sock, data, deadline)
         except TimeoutError:
+            # Part of the command may be on the wire: the next sync's leading
+            # 0xFF makes the agent drop it, so the connection stays usable.
             self._synced = False
             raise AgentTimeout(self.address, command, limit) from None
         except OSError as err:
@@ -337,34 +317,38 @@ class AgentClient:
                 f"{describe(self.address)}: the connection failed sending {command}: "
                 f"{err.strerror or err}",
             ) from err
+        self.sent.append(command)
 
     def _recv(self, command: str, deadline: float, limit: float) -> bytes:
         sock = self._socket()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            self._synced = False
-            raise AgentTimeout(self.address, command, limit)
-        try:
-            sock.settimeout(remaining)
-            data = sock.recv(_READ_SIZE)
-        except TimeoutError:
-            self._synced = False
-            raise AgentTimeout(self.address, command, limit) from None
-        except OSError as err:
-            self.close()
-            raise AgentClosed(
-                self.address,
-                f"{describe(self.address)}: the connection failed waiting for {command}: "
-                f"{err.strerror or err}",
-            ) from err
-        if not data:
-            self.close()
-            raise AgentClosed(
-                self.address,
-                f"{describe(self.address)}: the channel closed while waiting for {command}: "
-                "is QEMU (or the agent) still running?",
-            )
-        return data
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(max(1, math.ceil(remaining * 1000))):
+                if time.monotonic() < deadline:
+                    continue  # woken early
+                self._synced = False
+                raise AgentTimeout(self.address, command, limit)
+            try:
+                data = sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as err:
+                self.close()
+                raise AgentClosed(
+                    self.address,
+                    f"{describe(self.address)}: the connection failed waiting for {command}: "
+                    f"{err.strerror or err}",
+                ) from err
+            if not data:
+                self.close()
+                raise AgentClosed(
+                    self.address,
+                    f"{describe(self.address)}: the channel closed while waiting for {command}: "
+                    "is QEMU (or the agent) still running?",
+                )
+            return data
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
