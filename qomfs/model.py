@@ -1,4 +1,5 @@
-"""The QOM tree as paths, objects and properties, with a short-TTL cache.
+"""One QEMU's QOM tree over QMP: lookups, listings, values, writes and links,
+through a short-TTL cache.
 
 :class:`QOMTree` answers filesystem-shaped questions ("what is at this path?",
 "what is in this object?", "what does this property say?") with as few QMP

@@ -46,7 +46,7 @@ from qomfs.errors import CommandTimeout, ConnectionLost, ExecuteError, QomfsErro
 from qomfs.qmp import MAX_BATCH
 from qomfs.tree import Kind, Listing, join, parse_list, split
 
-log = logging.getLogger("qomfs.model")
+log = logging.getLogger("qomfs.readahead")
 
 #: Read-ahead, for a reader that goes through a directory in order (``grep
 #: -r``, ``ls -lR``) or descends into one child object after another (``ls
