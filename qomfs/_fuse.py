@@ -128,6 +128,14 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
         return hit[1]
 
 
+def caller_pid() -> int:
+    """The process whose request this FUSE thread serves; 0 outside a request."""
+    try:
+        return int(_binding.fuse_get_context()[2])
+    except ValueError:  # NULL context: not called from a FUSE request
+        return 0
+
+
 FUSE: Any = _FUSE if getattr(_binding, "fuse_version_major", 2) == 3 else _binding.FUSE
 FuseOSError: Any = _binding.FuseOSError
 Operations: Any = _binding.Operations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from qomfs import values
-from qomfs._fuse import FuseOSError, Operations
+from qomfs._fuse import FuseOSError, Operations, caller_pid
 from qomfs.errors import (
     CommandTimeout,
     ConnectionLost,
@@ -90,6 +90,8 @@ FILE_SIZE = 4096
 #: when a value does not fit in one, so a first write() shorter than this is
 #: no full buffer of a longer value.
 WRITE_BLOCK = 8192
+#: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the task is in exit().
+PF_EXITING = 0x4
 #: ``dd``'s default block: a first write() of a multiple of this may be the
 #: first block of many.
 DD_BLOCK = 512
@@ -137,6 +139,28 @@ def describe(err: QomfsError, path: str) -> str:
     if isinstance(cause, ExecuteError):
         text += f" (QEMU {cause.command}: {cause.error_class})"
     return text
+
+
+def killed_by_signal(pid: int) -> int:
+    """The signal that is killing process ``pid``, or 0.
+
+    A writer killed in the middle of a value (Ctrl-C, SIGKILL, ``timeout``)
+    has its descriptors closed by the kernel, and FLUSH cannot tell that close
+    from a writer's own.  Its ``/proc/PID/stat`` can: the task is exiting
+    (``PF_EXITING``) and its exit code, set before the descriptors are closed,
+    holds the signal.  A normal exit, even with a non-zero status, is 0.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    fields = text[text.rfind(b")") + 2 :].split()  # from field 3, "state"
+    try:
+        flags, exit_code = int(fields[9 - 3]), int(fields[52 - 3])
+    except (IndexError, ValueError):
+        return 0
+    return exit_code & 0x7F if flags & PF_EXITING else 0
 
 
 def _proc_status_kib(field: str) -> int:
@@ -546,13 +570,24 @@ class QOMFS(Operations):  # type: ignore[misc]
         if handle is None:
             return 0
         with handle.lock:
-            self._send(handle)
+            self._send(handle, caller_pid())
         return 0
 
-    def _send(self, handle: _Handle) -> None:
+    def _send(self, handle: _Handle, pid: int = 0) -> None:
         if handle.failed or handle.sent:
             return
         handle.sent = True  # once: a refusal is not sent again at the next close
+        signal = killed_by_signal(pid) if pid else 0
+        if signal:
+            log.warning(
+                "%s: the writer (pid %d) was killed by signal %d before it closed the file: "
+                "what it wrote is not set",
+                handle.path,
+                pid,
+                signal,
+            )
+            handle.failed = errno.EINTR
+            return
         with self._refusals(handle):
             self.tree.write(handle.path, bytes(handle.value))
 

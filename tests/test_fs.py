@@ -29,6 +29,7 @@ from qomfs.fs import (
     WRITE_BLOCK,
     Verdict,
     judge,
+    killed_by_signal,
 )
 from qomfs.model import MAX_WRITE, QOMTree
 from qomfs.qmp import QMPClient
@@ -340,6 +341,24 @@ def test_release_without_flush_still_sets_the_value(e: Env) -> None:
     fi = e.write_all("/machine/acpi", b"x" * WRITE_BLOCK)
     e.fs.release("/machine/acpi", fi)  # refused: logged, nobody to tell
     assert e.sets() == 2 and e.value("/machine/acpi") == "auto"
+
+
+def test_a_writer_killed_mid_value_sets_nothing(e: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLUSH from a process dying of a signal: what it wrote is not set."""
+    monkeypatch.setattr("qomfs.fs.caller_pid", lambda: 4242)
+    monkeypatch.setattr("qomfs.fs.killed_by_signal", lambda pid: 9 if pid == 4242 else 0)
+    fi = e.write_all("/machine/append", b"f" * WRITE_BLOCK)
+    e.close("/machine/append", fi)
+    assert e.sets() == 0 and e.value("/machine/append") == "console=ttyS0"
+    monkeypatch.setattr("qomfs.fs.killed_by_signal", lambda pid: 0)  # a normal exit
+    fi = e.write_all("/machine/append", b"f" * WRITE_BLOCK)
+    e.close("/machine/append", fi)
+    assert e.sets() == 1
+
+
+def test_killed_by_signal_reads_proc() -> None:
+    assert killed_by_signal(os.getpid()) == 0  # alive
+    assert killed_by_signal(2**22 + 1) == 0  # no such process (above pid_max)
 
 
 def test_read_only_refuses_writes_before_qmp() -> None:

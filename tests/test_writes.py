@@ -10,14 +10,16 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import VM, Mount, RawQMP, mounted, qemu_vm
+from tests.harness import VM, Mount, RawQMP, mounted, qemu_vm, wait_for
 
 EXTRA = ["-object", "throttle-group,id=tg1"]
 LIMITS = "/objects/tg1/limits"
@@ -144,6 +146,33 @@ def test_dd_and_python_see_a_refusal_at_close(wmnt: Mount, qmp: RawQMP, tmp_path
     assert exc.value.errno == errno.EINVAL
     assert qget(qmp, "/machine/acpi") == "auto"
     assert sets(wmnt) == before + 3
+
+
+def test_a_writer_killed_mid_value_sets_nothing(wmnt: Mount, qmp: RawQMP) -> None:
+    """Ctrl-C or SIGKILL in the middle of a value: the kernel closes the file as
+    close() would, but the daemon sees the writer dying of a signal."""
+    kernel = fs(wmnt, "/machine/kernel")
+    qset(qmp, "/machine/kernel", "keep")
+    before = sets(wmnt)
+    with open(kernel, "wb") as out:  # closed at once: a FLUSH with nothing written
+        cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=out)
+    assert cat.stdin is not None
+    cat.stdin.write(b"k" * 9000)  # one write() of 9000 bytes: kept for more
+    cat.stdin.flush()
+    wait_for(lambda: Path(f"/proc/{cat.pid}/io").read_text().find("syscw: 1") >= 0, 10, "cat")
+    cat.send_signal(signal.SIGINT)
+    assert cat.wait(timeout=10) == -signal.SIGINT
+    script = (
+        f"import os, signal; fd = os.open({str(kernel)!r}, os.O_WRONLY | os.O_TRUNC); "
+        "os.write(fd, b'p' * 9000); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    res = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert res.returncode == -signal.SIGKILL
+    assert qget(qmp, "/machine/kernel") == "keep" and sets(wmnt) == before
+    # Exiting without close() is no kill: the value is set.
+    script = script.replace("os.kill(os.getpid(), signal.SIGKILL)", "os._exit(3)")
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 3
+    assert qget(qmp, "/machine/kernel") == "p" * 9000 and sets(wmnt) == before + 1
 
 
 def test_offsets_and_truncation(wmnt: Mount, qmp: RawQMP) -> None:
