@@ -222,7 +222,8 @@ class AgentClient:
                 self._decoder = JSONStreamDecoder()
                 continue
             for i, reply in enumerate(msgs):
-                if reply.get("return") == token:
+                ret = reply.get("return")
+                if type(ret) is int and ret == token:  # not True, which == 1
                     self._replies = msgs[i + 1 :]
                     self._synced = True
                     return
