@@ -211,10 +211,10 @@ _INT_START = re.compile(
     r"(?:\s*[kmgtpeKMGTPE]?[iI]?[bB]?)?\s*"
 )
 _FLOAT_START = re.compile(r"\s*[+-]?[0-9_.eEinfatyINFATY+-]*\s*")
-#: A JSON number cut short at the end of the text ("1.", "-", "2e-").
-_JSON_NUMBER_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
 #: What a boolean may be written as (qomfs.values' words).
 _BOOL_WORDS = values._TRUE | values._FALSE
+#: A JSON number cut short at the end of the text ("1.", "-", "2e-").
+_JSON_NUMBER_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
 #: A \\u escape cut short, or a surrogate pair's first half waiting for its second.
 _JSON_ESCAPE_CUT = re.compile(r"\\?u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,3})?)?")
 _JSON_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
@@ -249,8 +249,10 @@ def _never(data: bytes, qom_type: str) -> bool:
         if "\n" in start:
             return True  # a newline ends a number or a boolean
         if qom_type in BOOL_TYPES:
-            word = start.rstrip().lower()
-            return start != word or not any(w.startswith(word) for w in _BOOL_WORDS)
+            word = start.rstrip()
+            if word != start:
+                return True  # a space ends a boolean, and this one is no word
+            return not any(w.startswith(word.lower()) for w in _BOOL_WORDS)
         if qom_type in INT_RANGES:
             if _is_integer(start.strip()):
                 return True  # out of range: more digits only make it larger

@@ -515,7 +515,8 @@ def test_no_start_of_valid_json_is_refused() -> None:
     ("qom_type", "text"),
     [
         ("bool", "true\n"),
-        ("bool", "off"),
+        ("bool", " True \n"),
+        ("bool", "OFF"),
         ("uint8", "255"),
         ("size", "4 MiB\n"),
         ("int32", "-0x7f\n"),
@@ -535,6 +536,7 @@ def test_no_start_of_a_scalar_is_refused(qom_type: str, text: str) -> None:
     ("qom_type", "text"),
     [
         ("bool", b"yes please"),
+        ("bool", b"tr "),
         ("bool", b"x"),
         ("uint8", b"-1"),
         ("int32", b"1 2"),
