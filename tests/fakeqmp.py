@@ -61,6 +61,21 @@ def event(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"event": name, "data": data, "timestamp": ts}
 
 
+def _sendall(sock: socket.socket, data: bytes, limit: float = 10.0) -> None:
+    """``sock.sendall(data)`` that outlasts the socket's short timeout (the
+    one its reads use): a slow client must not get half a message."""
+    deadline = time.monotonic() + limit
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+        except BlockingIOError:
+            time.sleep(0.001)
+
+
 class QMPFailure(Exception):
     def __init__(self, desc: str, cls: str = "GenericError") -> None:
         super().__init__(desc)
@@ -92,6 +107,7 @@ class FakeQMP:
         self.inject: dict[str, list[dict[str, Any]]] = {}
         self.drop_after: int | None = None
         self.reading = True
+        self._paused = threading.Event()  # the server saw reading = False
         self.rewrite: Callable[[dict[str, Any], dict[str, Any]], Outgoing] | None = None
         self.connections = 0
         self._counts: collections.Counter[str] = collections.Counter()
@@ -156,6 +172,13 @@ class FakeQMP:
             return False
         return self._send(conn, msg)
 
+    def stop_reading(self) -> None:
+        """Set ``reading`` to False and wait until the server has stopped reading."""
+        self._paused.clear()
+        self.reading = False
+        if not self._paused.wait(5):
+            raise TimeoutError("the fake server did not stop reading")
+
     def send_raw(self, data: bytes) -> bool:
         """Send bytes as they are to the current negotiated client."""
         with self._lock:
@@ -209,6 +232,7 @@ class FakeQMP:
         decoder = json.JSONDecoder()
         while not self._stop.is_set():
             if not self.reading:
+                self._paused.set()
                 self._stop.wait(0.01)
                 continue
             try:
@@ -274,11 +298,11 @@ class FakeQMP:
         with self._send_lock:
             try:
                 if not self.chunk:
-                    sock.sendall(data)
+                    _sendall(sock, data)
                     return True
                 while data:
                     n = self._rng.randint(1, self.chunk)
-                    sock.sendall(data[:n])
+                    _sendall(sock, data[:n])
                     data = data[n:]
                     time.sleep(0.0002)
             except OSError:

@@ -392,7 +392,7 @@ def test_a_server_that_stops_reading_cannot_block_a_send(fake: FakeQMP) -> None:
     command's timeout, and the half-sent message costs the connection."""
     timeout = 0.5
     with QMPClient(fake.path, timeout=timeout) as client:
-        fake.reading = False
+        fake.stop_reading()
         value = "x" * 900_000  # more than the socket buffers hold
         args = {"path": "/machine", "property": "label", "value": value}
         started = time.monotonic()
