@@ -341,7 +341,10 @@ class QMPClient:
 
     @property
     def state(self) -> State:
-        return self._state
+        state, conn = self._state, self._conn
+        if state is State.READY and (conn is None or conn.dead is not None):
+            return State.LOST  # (the reader is about to say so; a waiter may hear first)
+        return state
 
     @property
     def closed(self) -> bool:
