@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -400,6 +401,7 @@ class Shell:
         self._log: TextIO | None = None
         self._log_lock = threading.Lock()
         self._lineno = 0
+        self._ended = False
         client.subscribe(self._on_event)
         client.on_reconnect(self._forget_schema)
 
@@ -421,6 +423,7 @@ class Shell:
             self.screen.error(str(gone))
             return 1
         finally:
+            self._ended = True  # events after the end (quit's SHUTDOWN) are not shown
             if self._log is not None:
                 with self._log_lock:
                     self._log.close()
@@ -434,7 +437,7 @@ class Shell:
             self._lineno += 1
             self.handle(line)
         if self.parser.in_transaction:
-            self._syntax("input ended inside a transaction: it was not sent")
+            self._complain("input ended inside a transaction: it was not sent")
         return 1 if self.failures else 0
 
     def _interactive(self) -> int:
@@ -530,12 +533,13 @@ class Shell:
         try:
             request = self.parser.feed(line)
         except ParseError as err:
-            self._syntax(str(err))
+            self._complain(str(err))
             return
         if request is not None:
             self._send(request)
 
-    def _syntax(self, why: str) -> None:
+    def _complain(self, why: str) -> None:
+        """A failed line: one line on stderr (with its number, in a script)."""
         self.failures += 1
         where = f"line {self._lineno}: " if not self.interactive else ""
         self.screen.error(f"{where}{why}")
@@ -556,12 +560,10 @@ class Shell:
         try:
             reply = self.client.request(message, timeout=self.options.timeout)
         except ConnectionLost as err:
-            self.failures += 1
             self._connection_lost(err, was_lost)
             return None
         except CommandTimeout as err:
-            self.failures += 1
-            self.screen.error(str(err))
+            self._complain(str(err))
             return None
         except ExecuteError as err:  # refused before sending
             reply = {"error": {"class": err.error_class, "desc": err.desc}}
@@ -574,7 +576,7 @@ class Shell:
             raise QemuGone(gone)
         if was_lost or not self.client.reconnect:
             raise QemuGone(f"QEMU is gone and does not come back: {err}")
-        self.screen.error(f"QEMU is gone: {err} (the next command reconnects)")
+        self._complain(f"QEMU is gone: {err} (the next command reconnects)")
 
     def _log_line(self, record: dict[str, Any]) -> None:
         with self._log_lock:
@@ -583,6 +585,8 @@ class Shell:
                 self._log.flush()
 
     def _on_event(self, event: Event) -> None:
+        if self._ended:
+            return
         message = event_message(event)
         self._log_line(message)
         if self.interactive:
@@ -608,12 +612,11 @@ class Shell:
         try:
             words = split_words(line)[1:]
         except ParseError as err:
-            self._syntax(str(err))
+            self._complain(str(err))
             return
         schema = self.schema()
         if schema is None:
-            self.failures += 1
-            self.screen.error("help: QEMU did not answer query-qmp-schema")
+            self._complain("help: QEMU did not answer query-qmp-schema")
             return
         if not words:
             self.screen.write(_columns(schema.commands) + "\n")
@@ -622,11 +625,10 @@ class Shell:
             given = parse_arguments(words[1:])
             text = schema.help(words[0], given)
         except ParseError as err:
-            self._syntax(f"help: {err}")
+            self._complain(f"help: {err}")
             return
         except KeyError:
-            self.failures += 1
-            self.screen.error(f"help: QEMU has no command named {words[0]!r}")
+            self._complain(f"help: QEMU has no command named {words[0]!r}")
             return
         self.screen.write(text + "\n")
 
@@ -664,8 +666,7 @@ class Shell:
         try:
             index = int(arg)
         except ValueError:
-            self.failures += 1
-            self.screen.error("cpu takes a CPU index")
+            self._complain("cpu takes a CPU index")
             return
         probe = {
             "execute": "human-monitor-command",
@@ -675,8 +676,7 @@ class Shell:
         if reply is None:
             return
         if "error" in reply:
-            self.failures += 1
-            self.screen.error(f"no CPU {index}: {reply['error'].get('desc')}")
+            self._complain(f"no CPU {index}: {reply['error'].get('desc')}")
             return
         self.cpu_index = index
 
@@ -732,7 +732,13 @@ def run_shell(
     return shell.run()
 
 
+def quiet_client_log() -> None:
+    """The shell says itself what the client would log (losses, reconnections)."""
+    logging.getLogger("qomfs").addHandler(logging.NullHandler())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_client_log()
     parser = make_parser()
     args = parser.parse_args(argv)
     address = args.socket or os.environ.get("QMP_SOCKET")

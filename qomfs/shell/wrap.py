@@ -22,7 +22,13 @@ from types import FrameType
 
 from qomfs.errors import ConnectError, QMPError
 from qomfs.qmp import QMPClient, State
-from qomfs.shell.main import add_common_options, make_client, options_from, run_shell
+from qomfs.shell.main import (
+    add_common_options,
+    make_client,
+    options_from,
+    quiet_client_log,
+    run_shell,
+)
 
 PROG = "qmp-shell-wrap"
 #: After ``quit``, how long QEMU has to exit before SIGTERM, then SIGKILL.
@@ -161,6 +167,7 @@ def wait_for_qemu(client: QMPClient, qemu: Qemu, timeout: float) -> str | None:
 
 
 def wrap_main(argv: list[str] | None = None) -> int:
+    quiet_client_log()
     parser = make_parser()
     args = parser.parse_args(argv)
     options = options_from(args)
