@@ -588,7 +588,8 @@ class QOMFS(Operations):  # type: ignore[misc]
                 pid,
                 signal,
             )
-            handle.failed = errno.EINTR
+            # Not sent at RELEASE either; a process that shares the open
+            # file and writes on sends it all at its own close.
             return
         with self._refusals(handle):
             self.tree.write(handle.path, bytes(handle.value))

@@ -348,12 +348,19 @@ def test_a_writer_killed_mid_value_sets_nothing(e: Env, monkeypatch: pytest.Monk
     monkeypatch.setattr("qomfs.fs.caller_pid", lambda: 4242)
     monkeypatch.setattr("qomfs.fs.killed_by_signal", lambda pid: 9 if pid == 4242 else 0)
     fi = e.write_all("/machine/append", b"f" * WRITE_BLOCK)
-    e.close("/machine/append", fi)
+    e.close("/machine/append", fi)  # FLUSH from the dying writer, then RELEASE
     assert e.sets() == 0 and e.value("/machine/append") == "console=ttyS0"
+    # A process sharing the open file that writes on sends the whole at its close.
+    fi = e.write_all("/machine/append", b"f" * WRITE_BLOCK)
+    e.fs.flush("/machine/append", fi)
+    monkeypatch.setattr("qomfs.fs.caller_pid", lambda: 4343)
+    e.fs.write("/machine/append", b"g\n", WRITE_BLOCK, fi)
+    e.close("/machine/append", fi)
+    assert e.sets() == 1 and e.value("/machine/append") == "f" * WRITE_BLOCK + "g"
     monkeypatch.setattr("qomfs.fs.killed_by_signal", lambda pid: 0)  # a normal exit
     fi = e.write_all("/machine/append", b"f" * WRITE_BLOCK)
     e.close("/machine/append", fi)
-    assert e.sets() == 1
+    assert e.sets() == 2
 
 
 def test_killed_by_signal_reads_proc() -> None:
