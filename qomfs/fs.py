@@ -499,12 +499,16 @@ class QOMFS(Operations):  # type: ignore[misc]
     #   value yet, with no newline at its end, waits for more instead.
     # * Anything longer, and what follows, is kept and set at close (FLUSH),
     #   where cat, dd, tr, tee, cp and Python see the error.  FLUSH comes at
-    #   the close of every descriptor of the open file: only new bytes are sent.
+    #   the close of every descriptor of the open file: a value is sent at
+    #   the first close after it was written, not again at the next.  Not
+    #   when the closing process is dying of a signal (Ctrl-C in the middle).
     # * Text that no more bytes can make valid ("maybe" for a bool, bad JSON
     #   before its end) is refused at the write() that shows it (EINVAL), and a
     #   value past MAX_WRITE at the write() that crosses it (EFBIG).
     # * Once this open file's value was refused, its later writes get the same
     #   error and nothing more is sent for it.
+    # A first write that looks whole and is followed by more ((echo a; echo
+    # b) > prop) is set twice: by its write(), then whole at close.
 
     @_operation
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
@@ -525,7 +529,8 @@ class QOMFS(Operations):  # type: ignore[misc]
             # Only a value written from the start, possibly over several
             # write() calls, makes sense; never a patch in the middle.
             raise InvalidValue(
-                f"write at offset {offset}: a value must be written whole, from offset 0"
+                f"write at offset {offset} after {len(handle.value)} bytes: "
+                "a value is written whole, from offset 0, in order"
             )
         size = len(handle.value) + len(data)
         if size > MAX_WRITE:
