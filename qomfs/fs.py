@@ -90,6 +90,8 @@ FILE_SIZE = 4096
 #: when a value does not fit in one, so a first write() shorter than this is
 #: no full buffer of a longer value.
 WRITE_BLOCK = 8192
+#: The longest error text a log line quotes.
+LOG_TEXT = 300
 #: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the task is in exit().
 PF_EXITING = 0x4
 #: ``dd``'s default block: a first write() of a multiple of this may be the
@@ -131,8 +133,14 @@ def _operation(func: F) -> F:
 
 
 def describe(err: QomfsError, path: str) -> str:
-    """A log line's worth: the path, our words, and QEMU's error class."""
+    """A log line's worth: the path, our words, and QEMU's error class.
+
+    At most :data:`LOG_TEXT` characters of the error's text: QEMU repeats a
+    refused value in its description, and a value may be 64 KiB long.
+    """
     text = str(err)
+    if len(text) > LOG_TEXT:
+        text = f"{text[:LOG_TEXT]}... ({len(text) - LOG_TEXT} more characters)"
     if not text.startswith(path):
         text = f"{path}: {text}"
     cause = err.cause if isinstance(err, QOMError) else None

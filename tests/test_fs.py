@@ -244,11 +244,14 @@ def test_text_that_may_go_on_waits_for_more(e: Env) -> None:
     assert e.value("/machine/graphics") is False and e.value("/machine/kernel") == "é"
 
 
-def test_refused_at_flush_leaves_the_old_value(e: Env) -> None:
+def test_refused_at_flush_leaves_the_old_value(e: Env, caplog: pytest.LogCaptureFixture) -> None:
     """QEMU refuses a value that came in several writes: error at close, value kept."""
     fi = e.write_all("/machine/acpi", b"x" * WRITE_BLOCK, b"x\n")
     assert e.sets() == 0
     fails(errno.EINVAL, lambda: e.fs.flush("/machine/acpi", fi))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "qomfs.fs"]
+    assert "flush: /machine/acpi" in line and "GenericError" in line
+    assert len(line) < 500  # QEMU quotes the 8 KiB value; the log does not
     assert e.sets() == 1 and e.value("/machine/acpi") == "auto"
     e.fs.flush("/machine/acpi", fi)  # another descriptor's close: not sent again
     fails(errno.EINVAL, lambda: e.fs.write("/machine/acpi", b"on\n", WRITE_BLOCK + 2, fi))
