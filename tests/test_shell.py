@@ -654,3 +654,39 @@ def test_wrap_interactive(tmp_path: Path, home: Path) -> None:
         sh.close(force=True)
     assert sh.exitstatus == 0
     assert qemu_pids(tag) == []
+
+
+def test_wrap_interactive_reports_qemu_killed_at_the_prompt(tmp_path: Path, home: Path) -> None:
+    import pexpect
+
+    require_qemu()
+    tag = f"wraptest{os.getpid()}f"
+    env = dict(os.environ, HOME=str(home), TERM="xterm", INPUTRC="/dev/null")
+    args = [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "none", "-name", tag]
+    sh = pexpect.spawn(str(WRAP), args, env=env, encoding="utf-8", timeout=20)
+    try:
+        sh.expect_exact(PROMPT)
+        sh.send("query-")  # the shell waits for the rest of the line
+        (pid,) = qemu_pids(tag)
+        os.kill(pid, signal.SIGKILL)
+        sh.expect_exact("qmp-shell: QEMU was killed by SIGKILL")
+        sh.expect(pexpect.EOF)
+    finally:
+        sh.close(force=True)
+    assert sh.exitstatus == 1
+    assert "SIGKILL" not in sh.before  # said once
+
+
+def test_ctrl_c_drops_the_line_or_the_transaction(vm: VM, home: Path) -> None:
+    with interactive(home, str(vm.socket)) as sh:
+        sh.send("query-")
+        time.sleep(0.2)
+        sh.send("\x03")
+        sh.expect_exact(PROMPT)
+        sh.sendline("transaction(")
+        sh.expect_exact("TRANS> ")
+        sh.send("\x03")
+        sh.expect_exact("(transaction dropped)")
+        sh.expect_exact(PROMPT)
+        sh.sendline("query-name")
+        sh.expect_exact('{"return": {}}')

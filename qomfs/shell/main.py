@@ -13,13 +13,11 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, TextIO
 
 from qomfs import __version__
@@ -28,6 +26,7 @@ from qomfs.qmp import Event, QMPClient, State, describe_address
 from qomfs.shell.complete import DELIMS, Completer, parse_hmp_help, parse_hmp_info
 from qomfs.shell.parse import LineParser, ParseError, Request, parse_arguments, split_words
 from qomfs.shell.schema import Schema
+from qomfs.shell.screen import QemuGone, Screen, readline_redraw
 
 PROG = "qmp-shell"
 HISTORY_FILE = ".qmp-shell_history"
@@ -83,10 +82,6 @@ class Options:
     pretty: bool = False
     logfile: str | None = None
     timeout: float = 30.0
-
-
-class QemuGone(Exception):
-    """QEMU went away for good: the shell ends with status 1 and this message."""
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -152,139 +147,6 @@ def make_parser() -> argparse.ArgumentParser:
         help="QMP socket: a unix socket path or HOST:PORT (default: $QMP_SOCKET)",
     )
     return parser
-
-
-# --- output -------------------------------------------------------------------------
-
-
-class Screen:
-    """Where the shell writes; thread-safe.
-
-    Replies come from the main thread, events from the client's reader
-    thread.  While a prompt waits for input (interactive), text from other
-    threads is queued and the main thread is woken with SIGUSR1: its handler
-    runs inside readline, between keystrokes, prints the text above the
-    prompt and draws the prompt again.  Nothing but the main thread touches
-    readline.
-    """
-
-    WAKE = signal.SIGUSR1
-
-    def __init__(self, out: TextIO, err: TextIO, interactive: bool) -> None:
-        self.out = out
-        self.err = err
-        self.interactive = interactive
-        self._lock = threading.RLock()
-        self._prompting = False
-        self._queue: list[str] = []
-        self._fatal: str | None = None
-        self._redraw: Callable[[], None] | None = None
-        self._main = threading.main_thread().ident
-
-    # --- from the main thread ---
-
-    def write(self, text: str) -> None:
-        with self._lock:
-            self.out.write(text)
-            self.out.flush()
-
-    def error(self, text: str) -> None:
-        with self._lock:
-            self.out.flush()
-            self.err.write(f"{PROG}: {text}\n")
-            self.err.flush()
-
-    @contextlib.contextmanager
-    def prompting(self, redraw: Callable[[], None]) -> Iterator[None]:
-        """While the main thread waits in readline's ``input()``."""
-        self._redraw = redraw
-        old = signal.signal(self.WAKE, self._on_wake)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._prompting = False
-            signal.signal(self.WAKE, old)
-
-    def prompt_shown(self) -> None:
-        """readline's pre-input hook: the prompt is on the screen."""
-        with self._lock:
-            self._prompting = True
-            waiting = bool(self._queue) or self._fatal is not None
-        if waiting:
-            self._on_wake(self.WAKE, None)
-
-    def stop_prompting(self) -> None:
-        with self._lock:
-            self._prompting = False
-
-    # --- from any thread ---
-
-    def show(self, text: str) -> None:
-        """Print ``text`` (lines, no final newline) now, above a waiting prompt."""
-        with self._lock:
-            if not self._prompting:
-                self.out.write(text + "\n")
-                self.out.flush()
-                return
-            self._queue.append(text)
-        self._wake()
-
-    def fatal(self, text: str) -> None:
-        """End a waiting prompt with :class:`QemuGone` (else the next command sees it)."""
-        with self._lock:
-            self._fatal = text
-            prompting = self._prompting
-        if prompting:
-            self._wake()
-
-    def take_fatal(self) -> str | None:
-        with self._lock:
-            text, self._fatal = self._fatal, None
-            return text
-
-    def _wake(self) -> None:
-        if self._main is not None:
-            with contextlib.suppress(OSError, ValueError):
-                signal.pthread_kill(self._main, self.WAKE)
-
-    def _on_wake(self, signum: int, frame: FrameType | None) -> None:
-        with self._lock:
-            lines, self._queue = self._queue, []
-            fatal = self._fatal if self._prompting else None
-            if fatal is not None:
-                self._fatal = None
-            if lines and self._prompting:
-                self.out.write("\r\x1b[K" + "".join(line + "\n" for line in lines))
-                self.out.flush()
-                if self._redraw is not None:
-                    self._redraw()
-            elif lines:
-                self.out.write("".join(line + "\n" for line in lines))
-                self.out.flush()
-        if fatal is not None:
-            raise QemuGone(fatal)
-
-
-def _rl_forced_redisplay() -> Callable[[], None]:
-    """A function that draws readline's prompt and line again from scratch."""
-    import readline
-
-    try:
-        import ctypes
-
-        lib = ctypes.CDLL(readline.__file__)
-        forced = lib.rl_forced_update_display
-    except (OSError, AttributeError):
-        forced = None
-
-    def redraw() -> None:
-        if forced is not None:
-            forced()
-        else:
-            readline.redisplay()
-
-    return redraw
 
 
 # --- the shell ----------------------------------------------------------------------
@@ -461,11 +323,14 @@ class Shell:
         )
         watcher.start()
         try:
-            with self.screen.prompting(_rl_forced_redisplay()):
+            with self.screen.prompting(readline_redraw()):
                 while True:
                     prompt = "TRANS> " if self.parser.in_transaction else "(QEMU) "
                     try:
                         line = input(prompt)
+                    except QemuGone:
+                        self.screen.write("\n")
+                        raise
                     except EOFError:
                         self.screen.stop_prompting()
                         self.screen.write("\n")
@@ -727,7 +592,7 @@ def run_shell(
     stdin = stdin or sys.stdin
     if interactive is None:
         interactive = stdin.isatty() and stdin is sys.stdin
-    screen = Screen(stdout or sys.stdout, stderr or sys.stderr, interactive)
+    screen = Screen(stdout or sys.stdout, stderr or sys.stderr, interactive, PROG)
     shell = Shell(client, options, stdin=stdin, screen=screen, qemu_gone=qemu_gone)
     return shell.run()
 

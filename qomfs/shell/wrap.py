@@ -70,7 +70,7 @@ class Qemu:
         self.argv = argv
         self.output = output
         self.proc: subprocess.Popen[bytes] | None = None
-        self.quit_sent = False
+        self.reported = False  # its end was told to the user
 
     def start(self) -> None:
         with open(self.output, "wb") as out:
@@ -95,6 +95,7 @@ class Qemu:
             status = self.proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             return None
+        self.reported = True
         return describe_exit(status) + self.tail()
 
     def tail(self) -> str:
@@ -191,7 +192,7 @@ def wrap_main(argv: list[str] | None = None) -> int:
                 status = run_shell(client, options, qemu_gone=qemu.report)
             except KeyboardInterrupt:
                 status = 130
-            if qemu.exited() not in (None, 0):
+            if qemu.exited() not in (None, 0) and not qemu.reported:
                 # It died while the shell ran and no command noticed.
                 print(f"{PROG}: {qemu.report()}", file=sys.stderr)
                 status = status or 1
