@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from qomfs.shell.complete import Completer, parse_hmp_help, parse_hmp_info
-from qomfs.shell.schema import Schema, SchemaError
+from qomfs.shell.parse import ParseError
+from qomfs.shell.schema import Schema, SchemaError, typed_arguments
 
 ENTRIES: list[dict[str, Any]] = [
     {"name": "str", "meta-type": "builtin", "json-type": "string"},
@@ -233,6 +234,27 @@ def test_convert_refuses_what_does_not_fit(
 ) -> None:
     with pytest.raises(SchemaError, match=why.replace("[", r"\[")):
         schema.convert(type_name, text)
+
+
+def test_typed_arguments_follow_the_union_tag_wherever_it_is(schema: Schema) -> None:
+    words = ["size=4096", "node-name=1234", "driver=null-co", "read-zeroes=on"]
+    assert typed_arguments(schema, "blockdev-add", words) == {
+        "size": 4096,
+        "node-name": "1234",  # a str stays a string
+        "driver": "null-co",
+        "read-zeroes": True,
+    }
+    assert typed_arguments(schema, "qom-set", ["path=/m", "property=p", "value=false"]) == {
+        "path": "/m",
+        "property": "p",
+        "value": False,  # any: JSON when it parses
+    }
+    assert typed_arguments(schema, "qom-get", ["path=[x", "property=p"])["path"] == "[x"
+
+
+def test_typed_arguments_name_the_argument_and_the_type(schema: Schema) -> None:
+    with pytest.raises(ParseError, match=r"^size: needs an integer \(int\), got 'big'$"):
+        typed_arguments(schema, "blockdev-add", ["driver=null-co", "size=big"])
 
 
 # --- completion ----------------------------------------------------------------------

@@ -591,7 +591,8 @@ def run_shell(
     """Run a shell on a connected ``client``; its exit status."""
     stdin = stdin or sys.stdin
     if interactive is None:
-        interactive = stdin.isatty() and stdin is sys.stdin
+        # readline edits only when both ends are a terminal (as input() decides)
+        interactive = stdin is sys.stdin and stdin.isatty() and sys.stdout.isatty() and not stdout
     screen = Screen(stdout or sys.stdout, stderr or sys.stderr, interactive, PROG)
     shell = Shell(client, options, stdin=stdin, screen=screen, qemu_gone=qemu_gone)
     return shell.run()

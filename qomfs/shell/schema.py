@@ -357,3 +357,25 @@ def _int_or_none(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def typed_arguments(schema: Schema, command: str, words: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` words -> ``command``'s arguments, each value typed by the schema.
+
+    Two passes: the first (JSON-or-string) finds the union tags given
+    (``driver=null-co``), which decide the types the second pass uses.
+    Raises :class:`~qomfs.shell.parse.ParseError` naming the argument and
+    the type it needs.
+    """
+    from qomfs.shell.parse import ParseError, parse_arguments, parse_value
+
+    def lenient(path: Sequence[str], text: str) -> Any:
+        try:
+            return parse_value(text)
+        except ParseError:
+            return text  # a str argument may look like broken JSON
+
+    given = parse_arguments(words, lenient)
+    return parse_arguments(
+        words, lambda path, text: schema.convert(schema.type_at(command, path, given), text)
+    )
