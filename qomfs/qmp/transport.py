@@ -72,21 +72,24 @@ def send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     Either way part of ``data`` may be on the wire already: the stream is
     out of step, and the caller must drop the connection.
     """
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)  # most often all of it, at once
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            sent = 0
-        view = view[sent:]
-        if not view:
-            return
+    while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"the peer took {len(data) - len(view)} of {len(data)} bytes")
         poller.poll(max(1, int(left * 1000)))
+        with contextlib.suppress(BlockingIOError):  # (a spurious wake-up)
+            view = view[sock.send(view) :]
+        if not view:
+            return
 
 
 # --- listening ------------------------------------------------------------------
