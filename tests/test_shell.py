@@ -258,6 +258,21 @@ def test_skip_negotiation(vm: VM) -> None:
     assert replies(done.stdout) == [{"return": {}}, {"return": {}}]
 
 
+def test_skip_negotiation_help_after_qmp_capabilities(vm: VM) -> None:
+    done = pipe(vm.socket, "help query-name", "qmp_capabilities", "help query-name", opts="-N")
+    assert done.returncode == 1  # the first help could not ask QEMU yet
+    assert done.stderr == "qmp-shell: line 1: help: QEMU did not answer query-qmp-schema\n"
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ['{"return": {}}', "query-name", "  (no arguments)"]
+
+
+def test_output_closed_early_is_no_traceback(vm: VM) -> None:
+    script = f"yes query-qmp-schema | head -50 | qmp-shell {vm.socket} | head -c 100"
+    done = bash(f"{script}; echo status ${{PIPESTATUS[2]}}")
+    assert done.stdout.endswith("status 1\n")  # after 100 bytes with no newline
+    assert done.stderr == ""
+
+
 def test_qmp_socket_variable(vm: VM) -> None:
     done = bash("echo query-status | qmp-shell", env={"QMP_SOCKET": str(vm.socket)})
     assert done.returncode == 0, done.stderr

@@ -91,7 +91,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "-N",
         "--skip-negotiation",
         action="store_true",
-        help="do not negotiate capabilities (for a peer such as qemu-ga)",
+        help="do not negotiate capabilities: type qmp_capabilities yourself",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="echo each QMP message sent")
     parser.add_argument("-p", "--pretty", action="store_true", help="indent JSON replies")
@@ -418,6 +418,8 @@ class Shell:
         self.screen.write(format_json(reply, self.options.pretty) + "\n")
         if "error" in reply:
             self.failures += 1
+        elif request.command == "qmp_capabilities":
+            self._forget_schema()  # -N: the schema can be asked for now
 
     def request(self, message: dict[str, Any]) -> dict[str, Any] | None:
         """Send ``message``; its reply, logged, or None (a failure, reported)."""
@@ -619,5 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return run_shell(client, options)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (| head): no traceback, and none at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         client.close()

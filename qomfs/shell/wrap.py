@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,9 @@ def wrap_main(argv: list[str] | None = None) -> int:
                 status = run_shell(client, options, qemu_gone=qemu.report)
             except KeyboardInterrupt:
                 status = 130
+            except BrokenPipeError:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                status = 1
             if qemu.exited() not in (None, 0) and not qemu.reported:
                 # It died while the shell ran and no command noticed.
                 print(f"{PROG}: {qemu.report()}", file=sys.stderr)
