@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -22,6 +23,7 @@ from qomfs.errors import (
     ConnectionLost,
     ExecuteError,
     ProtocolError,
+    QMPError,
 )
 from qomfs.qmp import (
     MAX_ASYNC,
@@ -214,6 +216,8 @@ def test_unparsable_requests_are_refused_before_sending(fake: FakeQMP) -> None:
             client.execute(
                 "qom-set", {"path": "/machine", "property": "label", "value": "x" * (2 << 20)}
             )
+        with pytest.raises(ExecuteError, match="cannot be sent as JSON"):
+            client.execute("qom-set", {"path": "/machine", "property": "x", "value": math.nan})
         assert fake.command_counts() == before
         assert get(client, "label") == LABEL  # and the session goes on in step
 
@@ -381,6 +385,39 @@ def test_a_reply_that_never_comes_frees_its_slot_with_the_connection(fake: FakeQ
         assert client.has_room(MAX_ASYNC)
         assert get(client, "label") == LABEL
         assert fake.connections == 2
+
+
+def test_the_wait_for_a_slot_is_bounded_by_the_timeout(fake: FakeQMP) -> None:
+    """Every slot held by a command that timed out (its reply may still
+    come): the next command waits for a slot no longer than its timeout."""
+    timeout = 0.3
+    with QMPClient(fake.path, timeout=timeout) as client:
+        fake.rewrite = lambda msg, reply: [] if asking("label")(msg) else [reply]
+        stuck = [threading.Thread(target=get_or_error, args=(client, "label")) for _ in range(8)]
+        for t in stuck:
+            t.start()
+        for t in stuck:
+            t.join(timeout + SLACK)
+        sent = fake.command_counts()["qom-get"]
+        assert sent == 8
+        started = time.monotonic()
+        with pytest.raises(CommandTimeout):
+            get(client, "dump-guest-core")
+        assert timeout <= time.monotonic() - started < timeout + SLACK
+        assert fake.command_counts()["qom-get"] == sent  # it never got a slot to send
+        fake.rewrite = None
+        # Once the unanswered ones are past the grace, the next command
+        # drops the connection and goes through on a new one.
+        time.sleep(STUCK_GRACE)
+        assert get(client, "dump-guest-core") is True
+        assert fake.connections == 2
+
+
+def get_or_error(client: QMPClient, prop: str) -> Any:
+    try:
+        return get(client, prop)
+    except QMPError as err:
+        return err
 
 
 def noop(index: int, result: Any) -> None:
