@@ -19,6 +19,11 @@ from typing import Any
 
 import pytest
 
+try:
+    import pexpect
+except ImportError:  # a test dependency: pip install -e '.[test]'
+    pexpect = None
+
 from tests.harness import QEMU, VM, missing, qemu_vm, require_qemu, wait_for
 from tests.test_qemu11 import CHROOT, QEMU11
 
@@ -415,14 +420,20 @@ def home(tmp_path: Path) -> Path:
     return h
 
 
-def spawn(home: Path, *args: str) -> Any:
-    import pexpect
-
+def terminal(program: Path, args: list[str], home: Path) -> Any:
+    """``program`` on a pseudo-terminal, HOME pointed at ``home``."""
+    if pexpect is None:
+        missing("pexpect is not installed (pip install -e '.[test]')")
     env = dict(os.environ, HOME=str(home), TERM="xterm", INPUTRC="/dev/null")
     env.pop("QMP_SOCKET", None)
-    child = pexpect.spawn(
-        str(SHELL), list(args), env=env, encoding="utf-8", timeout=20, dimensions=(40, 200)
+    return pexpect.spawn(
+        str(program), args, env=env, encoding="utf-8", timeout=20, dimensions=(40, 200)
     )
+
+
+def spawn(home: Path, *args: str) -> Any:
+    """qmp-shell ARGS on a terminal, at its first prompt."""
+    child = terminal(SHELL, list(args), home)
     child.expect_exact(PROMPT)
     return child
 
@@ -431,8 +442,6 @@ def spawn(home: Path, *args: str) -> Any:
 def interactive(home: Path, *args: str) -> Iterator[Any]:
     """A shell on a terminal; ended with Ctrl-D, and killed if that fails,
     so that the next test finds the monitor free."""
-    import pexpect
-
     child = spawn(home, *args)
     try:
         yield child
@@ -452,7 +461,7 @@ def test_prompt_and_banner(anyvm: VM, home: Path) -> None:
         sh.expect_exact('"status": "prelaunch"')
         sh.expect_exact(PROMPT)
         sh.sendeof()
-        sh.expect(__import__("pexpect").EOF)
+        sh.expect(pexpect.EOF)
     sh.close()
     assert sh.exitstatus == 0
 
@@ -549,8 +558,6 @@ def test_transaction_prompt(vm: VM, home: Path) -> None:
 
 
 def test_interactive_qemu_gone(tmp_path: Path, home: Path) -> None:
-    import pexpect
-
     with qemu_vm(tmp_path) as vm:
         sh = spawn(home, str(vm.socket))
         try:
@@ -651,13 +658,10 @@ def test_wrap_ends_qemu_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_wrap_interactive(tmp_path: Path, home: Path) -> None:
-    import pexpect
-
     require_qemu()
     tag = f"wraptest{os.getpid()}e"
-    env = dict(os.environ, HOME=str(home), TERM="xterm", INPUTRC="/dev/null")
     args = [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "none", "-name", tag]
-    sh = pexpect.spawn(str(WRAP), args, env=env, encoding="utf-8", timeout=20)
+    sh = terminal(WRAP, args, home)
     try:
         sh.expect_exact(PROMPT)
         sh.sendline("query-name")
@@ -672,13 +676,10 @@ def test_wrap_interactive(tmp_path: Path, home: Path) -> None:
 
 
 def test_wrap_interactive_reports_qemu_killed_at_the_prompt(tmp_path: Path, home: Path) -> None:
-    import pexpect
-
     require_qemu()
     tag = f"wraptest{os.getpid()}f"
-    env = dict(os.environ, HOME=str(home), TERM="xterm", INPUTRC="/dev/null")
     args = [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "none", "-name", tag]
-    sh = pexpect.spawn(str(WRAP), args, env=env, encoding="utf-8", timeout=20)
+    sh = terminal(WRAP, args, home)
     try:
         sh.expect_exact(PROMPT)
         sh.send("query-")  # the shell waits for the rest of the line
