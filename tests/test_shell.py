@@ -393,6 +393,27 @@ def test_qemu_gone_for_good_exits_1(tmp_path: Path) -> None:
     assert "no such socket" in errors[-1]
 
 
+def test_timeout_reports_and_goes_on(tmp_path: Path) -> None:
+    with qemu_vm(tmp_path) as vm, running_shell(vm.socket, "--timeout", "1") as proc:
+        assert say(proc, "query-name") == {"return": {}}
+        vm.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert proc.stdin is not None and proc.stderr is not None
+            proc.stdin.write("query-status\n")
+            proc.stdin.flush()
+            assert (
+                proc.stderr.readline()
+                == "qmp-shell: line 2: no reply to 'query-status' within 1 s\n"
+            )
+        finally:
+            vm.proc.send_signal(signal.SIGCONT)
+        # the late reply is dropped; the next command gets its own
+        assert say(proc, "query-name") == {"return": {}}
+        proc.stdin.close()
+        proc.stdin = None
+        assert proc.wait(timeout=20) == 1
+
+
 def test_reconnects_when_qemu_comes_back(tmp_path: Path) -> None:
     with qemu_vm(tmp_path, extra=["-name", "first"]) as vm, running_shell(vm.socket) as proc:
         assert say(proc, "query-name") == {"return": {"name": "first"}}
