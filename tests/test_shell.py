@@ -57,13 +57,15 @@ def anyvm(request: pytest.FixtureRequest) -> VM:
     return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
-def bash(script: str, timeout: float = 60, env: dict[str, str] | None = None) -> Any:
+def bash(
+    script: str, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Any:
     """Run ``script`` in bash with the venv's tools first on PATH."""
     full = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", **(env or {}))
     full.pop("QMP_SOCKET", None)
     full.update(env or {})
     return subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, timeout=timeout, env=full
+        ["bash", "-c", script], capture_output=True, text=True, timeout=timeout, env=full, cwd=cwd
     )
 
 
@@ -610,10 +612,14 @@ def qemu_pids(tag: str) -> list[int]:
 
 def wrap(tmp_path: Path, lines: str, *qemu_args: str, tag: str) -> Any:
     require_qemu()
-    tmp = tmp_path / "tmp"
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
     tmp.mkdir(exist_ok=True)
+    cwd.mkdir(exist_ok=True)
     cmd = " ".join(shlex.quote(a) for a in [QEMU, *qemu_args, "-name", tag])
-    return bash(f"printf {shlex.quote(lines)} | qmp-shell-wrap {cmd}", env={"TMPDIR": str(tmp)})
+    script = f"printf {shlex.quote(lines)} | qmp-shell-wrap {cmd}"
+    done = bash(script, env={"TMPDIR": str(tmp)}, cwd=cwd)
+    assert list(cwd.iterdir()) == []  # upstream leaves its socket in the current directory
+    return done
 
 
 def test_wrap_runs_the_shell_and_ends_qemu(tmp_path: Path) -> None:
@@ -665,6 +671,9 @@ def test_wrap_ends_qemu_on_sigterm(tmp_path: Path) -> None:
     try:
         assert say(proc, "query-name") == {"return": {"name": tag}}
         assert len(qemu_pids(tag)) == 1
+        (private,) = tmp.iterdir()
+        assert private.stat().st_mode & 0o777 == 0o700
+        assert (private / "qmp.sock").is_socket()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
