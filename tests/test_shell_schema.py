@@ -49,11 +49,13 @@ ENTRIES: list[dict[str, Any]] = [
         {"name": "file", "type": "14"}, {"name": "offset", "type": "int", "default": None}]},
     {"name": "14", "meta-type": "alternate", "members": [{"type": "10"}, {"type": "str"}]},
     # an enum listed the newer way (members only)
-    {"name": "set-action", "meta-type": "command", "arg-type": "20", "ret-type": "0"},
+    {"name": "set-action", "meta-type": "command", "arg-type": "20", "ret-type": "0",
+     "features": ["unstable"]},
     {"name": "20", "meta-type": "object", "members": [
         {"name": "panic", "type": "21", "default": None},
         {"name": "ratio", "type": "number", "default": None},
-        {"name": "tags", "type": "[str]", "default": None}]},
+        {"name": "tags", "type": "[str]", "default": None, "features": ["deprecated"]}],
+     },
     {"name": "21", "meta-type": "enum", "members": [{"name": "pause"}, {"name": "shutdown"}]},
     {"name": "[str]", "meta-type": "array", "element-type": "str"},
     # transaction
@@ -174,10 +176,10 @@ def test_transaction_actions(schema: Schema) -> None:
 def test_help_lists_arguments_types_and_optional(schema: Schema) -> None:
     text = schema.help("set-action")
     assert text.splitlines() == [
-        "set-action",
+        "set-action (unstable)",
         "  panic  enum (pause|shutdown)  (optional)",
         "  ratio  number  (optional)",
-        "  tags   [str]  (optional)",
+        "  tags   [str]  (optional, deprecated)",
     ]
     union = schema.help("blockdev-add")
     assert "driver     enum (null-co|null-aio|raw)" in union

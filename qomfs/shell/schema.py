@@ -30,6 +30,7 @@ class Member:
     name: str
     type: str
     optional: bool
+    features: tuple[str, ...] = ()
 
 
 class Schema:
@@ -110,7 +111,7 @@ class Schema:
         if not entry or entry.get("meta-type") != "object":
             return []
         out = [
-            Member(str(m["name"]), str(m.get("type", "any")), "default" in m)
+            Member(str(m["name"]), str(m.get("type", "any")), "default" in m, _features(m))
             for m in entry.get("members", [])
             if isinstance(m, dict) and "name" in m
         ]
@@ -252,7 +253,9 @@ class Schema:
         return type_name
 
     def help(self, command: str, given: Mapping[str, Any] | None = None) -> str:
-        """What ``help COMMAND`` prints: each argument, its type, optional or not.
+        """What ``help COMMAND`` prints: each argument, its type, whether it is
+        optional, and the features (``deprecated``, ``unstable``) of the
+        command and of each argument.
 
         For a union (``blockdev-add``), ``given`` with its tag
         (``{"driver": "null-co"}``) adds that variant's arguments; without
@@ -261,14 +264,16 @@ class Schema:
         if command not in self._commands:
             raise KeyError(command)
         arg = self.arg_type(command)
-        lines = [command]
+        features = _features(self._commands[command])
+        lines = [f"{command} ({', '.join(features)})" if features else command]
         members = self.members(arg, given, every_variant=False) if arg else []
         tag = self.tag(arg) if arg else None
         if not members:
             lines.append("  (no arguments)")
         width = max((len(m.name) for m in members), default=0)
         for m in members:
-            note = "  (optional)" if m.optional else ""
+            notes = (["optional"] if m.optional else []) + list(m.features)
+            note = f"  ({', '.join(notes)})" if notes else ""
             lines.append(f"  {m.name.ljust(width)}  {self.describe(m.type)}{note}")
         if tag and not (given and tag in given):
             lines.append(f"  ({tag} selects more arguments: help {command} {tag}=VALUE lists them)")
@@ -315,6 +320,12 @@ class Schema:
                     continue
             raise SchemaError(f"needs {self.describe(type_name, 0)}")
         return parse_value(text)
+
+
+def _features(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """An entry's features (``deprecated``, ``unstable``, ...)."""
+    features = entry.get("features")
+    return tuple(str(f) for f in features) if isinstance(features, list) else ()
 
 
 _BOOLS = {"true": True, "on": True, "yes": True, "1": True}
