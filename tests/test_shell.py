@@ -24,6 +24,7 @@ try:
 except ImportError:  # a test dependency: pip install -e '.[test]'
     pexpect = None
 
+from qomfs.shell.schema import Schema
 from tests.harness import QEMU, VM, missing, qemu_vm, require_qemu, wait_for
 from tests.test_qemu11 import CHROOT, QEMU11
 
@@ -236,6 +237,30 @@ def test_help_from_the_schema(vm: VM) -> None:
     unknown = pipe(vm.socket, "help nosuch")
     assert unknown.returncode == 1
     assert unknown.stderr == "qmp-shell: line 1: help: QEMU has no command named 'nosuch'\n"
+
+
+def test_the_schema_reader_knows_every_command(anyvm: VM) -> None:
+    """Every command of the real schema: its help lists each argument, and each
+    union variant adds its own (read independently from the raw schema)."""
+    with anyvm.qmp() as qmp:
+        entries = qmp.cmd("query-qmp-schema")
+    schema = Schema(entries)
+    by_name = {e["name"]: e for e in entries}
+    commands = [e["name"] for e in entries if e["meta-type"] == "command"]
+    assert sorted(commands) == schema.commands and len(commands) > 150
+    variants_seen = 0
+    for name in commands:
+        arg = by_name[by_name[name]["arg-type"]]
+        text = schema.help(name)
+        assert text.splitlines()[0].split()[0] == name
+        for member in arg.get("members", []):
+            assert re.search(rf"^  {re.escape(member['name'])} ", text, re.M), (name, member)
+        for variant in arg.get("variants", []):
+            chosen = schema.help(name, {arg["tag"]: variant["case"]})
+            for member in by_name[variant["type"]].get("members", []):
+                assert re.search(rf"^  {re.escape(member['name'])} ", chosen, re.M)
+            variants_seen += 1
+    assert variants_seen > 30  # blockdev-add alone has dozens
 
 
 def test_verbose_echoes_what_is_sent(vm: VM) -> None:
