@@ -712,6 +712,35 @@ def test_wrap_ends_qemu_on_sigterm(tmp_path: Path) -> None:
     assert list(tmp.iterdir()) == []
 
 
+def test_wrap_killed_takes_qemu_along(tmp_path: Path) -> None:
+    """A QEMU whose monitor loses its peer runs on: the wrapper's death must end it."""
+    require_qemu()
+    tag = f"wraptest{os.getpid()}g"
+    cmd = [str(WRAP), QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "none"]
+    proc = subprocess.Popen(
+        [*cmd, "-name", tag],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+    )
+    try:
+        assert say(proc, "query-name") == {"return": {"name": tag}}
+        (pid,) = qemu_pids(tag)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(
+            lambda: not Path(f"/proc/{pid}").exists() or qemu_pids(tag) == [], 10, "QEMU's end"
+        )
+    finally:
+        for leftover in qemu_pids(tag):
+            os.kill(leftover, signal.SIGKILL)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
 def test_wrap_interactive(tmp_path: Path, home: Path) -> None:
     require_qemu()
     tag = f"wraptest{os.getpid()}e"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -83,6 +84,7 @@ class Qemu:
                 # Its own process group: Ctrl-C at the shell's prompt is for
                 # the shell, not for QEMU.
                 process_group=0,
+                preexec_fn=_end_with_parent(),
             )
 
     def exited(self) -> int | None:
@@ -127,6 +129,35 @@ class Qemu:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _end_with_parent() -> Callable[[], None] | None:
+    """For the child between fork and exec: SIGTERM when qmp-shell-wrap dies.
+
+    A QEMU whose client-mode monitor loses its peer runs on; without this, a
+    wrapper killed by SIGKILL would leave it behind for good.  The child
+    runs only this closure, over objects made before the fork (a libc call
+    through ctypes, no import, no lock), which keeps preexec_fn safe beside
+    the client's threads.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+    getppid = os.getppid
+    exit_now = os._exit
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if getppid() != parent:  # the wrapper died before the line above
+            exit_now(1)
+
+    return in_child
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def describe_exit(status: int) -> str:
