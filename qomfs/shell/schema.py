@@ -68,6 +68,11 @@ class Schema:
     def has_command(self, name: str) -> bool:
         return name in self._commands
 
+    @property
+    def events(self) -> list[str]:
+        """The names of the events QEMU may send."""
+        return sorted(self._events)
+
     def arg_type(self, command: str) -> str | None:
         """The name of the object type that holds ``command``'s arguments."""
         entry = self._commands.get(command)
