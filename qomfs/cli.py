@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from qomfs import __version__
+from qomfs.argtypes import seconds, seconds_arg
 from qomfs.errors import QomfsError
 from qomfs.qmp import QMPClient
 
@@ -48,34 +49,6 @@ OWN_OPTIONS = {
     "listen": "listen",
     "listen_group": "listen_group",
 }
-
-
-#: The longest wait for QEMU: Python's own waits overflow at about 1e12 s.
-MAX_TIMEOUT = 1e6
-
-
-def seconds(text: str, *, timeout: bool = False) -> float:
-    """A TTL: seconds >= 0, ``inf`` for never; or with ``timeout``, a time
-    to wait: seconds > 0, at most :data:`MAX_TIMEOUT`."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of seconds") from None
-    if timeout and not 0 < value <= MAX_TIMEOUT:
-        raise ValueError(f"{text!r}: a timeout is from 0 (not included) to {MAX_TIMEOUT:g} s")
-    if not value >= 0:  # (nan too)
-        raise ValueError(f"{text!r}: a TTL is 0 or more seconds, or inf")
-    return value
-
-
-def _seconds_arg(timeout: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            return seconds(text, timeout=timeout)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
 
 
 def parse_options(text: str) -> dict[str, str | bool]:
@@ -137,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ttl",
-        type=_seconds_arg(timeout=False),
+        type=seconds_arg(timeout=False),
         default=1.0,
         metavar="SECONDS",
         help="how long listings and values may be served from the cache "
@@ -145,14 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds_arg(timeout=True),
+        type=seconds_arg(timeout=True),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for QEMU to answer a command (default 5)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=_seconds_arg(timeout=True),
+        type=seconds_arg(timeout=True),
         default=5.0,
         metavar="SECONDS",
         help="how long to wait for the socket and QEMU's greeting (default 5)",

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qomfs.cache import TTLCache
+from qomfs.cache import MAX_WAIT, TTLCache
 from qomfs.errors import (
     ExecuteError,
     Guarded,
@@ -154,9 +154,14 @@ class QOMTree:
         self._batch_pref = batch
         # The path of the latest listing fetched, and when it was asked for.
         self._latest: tuple[str, float] = ("", float("-inf"))
-        self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock)
-        self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock)
-        self._descriptions: TTLCache[str, dict[str, str]] = TTLCache(float("inf"), clock)
+        # A reader joining another's fetch waits at most as long as that
+        # fetch can take: a wait for a free slot, then for the reply.
+        wait = min(2 * client.timeout + 2, MAX_WAIT)
+        self._listings: TTLCache[str, Listing] = TTLCache(ttl, clock, wait_timeout=wait)
+        self._values: TTLCache[tuple[str, str], Any] = TTLCache(ttl, clock, wait_timeout=wait)
+        self._descriptions: TTLCache[str, dict[str, str]] = TTLCache(
+            float("inf"), clock, wait_timeout=wait
+        )
         self._clock = clock
         self._ahead = ReadAhead(
             self,
