@@ -31,22 +31,23 @@ DEFAULT_TIMEOUT = 5.0
 #: Exit statuses: QEMU said no, could not be reached, or --wait timed out; usage.
 FAILED, USAGE = 1, 2
 
-USAGE_TEXT = """\
-%(prog)s [-s ADDR | --path=ADDR] [--json | -p] [--timeout S] [--wait EVENT[,EVENT...]] \
-COMMAND [ARG ...]
-       %(prog)s help [COMMAND]"""
+USAGE_TEXT = (
+    "%(prog)s [-s ADDR | --path=ADDR] [--json | -p] [--timeout S] [--wait EVENT[,EVENT...]] "
+    "COMMAND [ARG ...]"
+)
 
 DESCRIPTION = """\
 Run one QMP command on a running QEMU and print its reply, one leaf per line:
 
   $ qmp -s /tmp/vm.sock query-status
-  running: false
   status: prelaunch
+  running: false
 
 ARG is --key=value or key=value; --key alone is true; dotted keys nest
-(file.driver=null-co).  Values are typed from QEMU's query-qmp-schema: an int or
-number argument gets a number, a bool true or false, a str stays a string, an
-'any' argument (qom-set's value) takes JSON when it parses, else a string.
+(file.driver=null-co).  Values are typed from QEMU's query-qmp-schema: an int
+or number argument gets a number, a bool true or false, a str stays a string,
+and an argument of type any (qom-set's value) takes JSON when it parses, else
+a string.  'qmp help' lists QEMU's commands, 'qmp help COMMAND' shows one.
 """
 
 EPILOG = """\
