@@ -279,7 +279,10 @@ class Call:
         try:
             self.client.connect()
             self.client.execute("qmp_capabilities")
-            schema = Schema.fetch(self.client.execute)
+            try:
+                schema = Schema.fetch(self.client.execute)
+            except ValueError as why:
+                raise QMPError(f"query-qmp-schema: {why}") from None
             if command == "help":
                 return self.help(schema, self.args.args)
             if not schema.has_command(command):

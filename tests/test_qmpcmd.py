@@ -133,6 +133,9 @@ SCHEMA = [
     {"name": "0", "meta-type": "object", "members": []},
     {"name": "1", "meta-type": "object", "members": [{"name": "status", "type": "str"}]},
     {"name": "str", "meta-type": "builtin", "json-type": "string"},
+    {"name": "int", "meta-type": "builtin", "json-type": "int"},
+    {"name": "set-size", "meta-type": "command", "arg-type": "2", "ret-type": "0"},
+    {"name": "2", "meta-type": "object", "members": [{"name": "size", "type": "int"}]},
     {"name": "RESUME", "meta-type": "event", "arg-type": "0"},
 ]
 
@@ -141,6 +144,7 @@ def fake_monitor(after_reply: bool) -> FakeQMP:
     """A fake with SCHEMA; ``cont`` answers, and sends RESUME in the same write
     right after its reply (``after_reply``) or never."""
     fake = FakeQMP(commands=["qmp_capabilities", "query-qmp-schema", "cont", "query-status"])
+    fake.commands.append("set-size")
 
     def rewrite(msg: dict[str, Any], reply: dict[str, Any]) -> list[dict[str, Any] | bytes]:
         ident = {"id": msg["id"]} if "id" in msg else {}
@@ -149,6 +153,8 @@ def fake_monitor(after_reply: bool) -> FakeQMP:
             return [{"return": SCHEMA, **ident}]
         if name == "query-status":
             return [{"return": {"status": "running"}, **ident}]
+        if name == "set-size":
+            return [{"return": {}, **ident}]
         if name == "cont":
             out = json.dumps({"return": {}, **ident}) + "\r\n"
             if after_reply:
@@ -170,6 +176,31 @@ def test_one_connection_and_one_schema_per_call(capsys: pytest.CaptureFixture[st
             "query-qmp-schema": 1,
             "query-status": 1,
         }
+
+
+def test_a_misfit_value_is_not_sent(capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_monitor(after_reply=False) as fake:
+        assert qmpcmd.main(["-s", fake.path, "set-size", "--size=4k"]) == 2
+        err = capsys.readouterr().err
+        assert one_line(err) == "qmp: set-size: size: needs an integer (int), got '4k'"
+        assert "set-size" not in fake.command_counts()
+        assert qmpcmd.main(["-s", fake.path, "set-size", "--size=0x1000"]) == 0
+        assert fake.requests[-1]["arguments"] == {"size": 4096}
+
+
+def test_a_schema_that_is_no_list_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with fake_monitor(after_reply=False) as fake:
+        rewrite = fake.rewrite
+        assert rewrite is not None
+
+        def bad_schema(msg: dict[str, Any], reply: dict[str, Any]) -> list[dict[str, Any] | bytes]:
+            if msg.get("execute") == "query-qmp-schema":
+                return [{"return": {}, "id": msg["id"]}]
+            return rewrite(msg, reply)
+
+        fake.rewrite = bad_schema
+        assert qmpcmd.main(["-s", fake.path, "query-status"]) == 1
+        assert one_line(capsys.readouterr().err).startswith("qmp: query-qmp-schema: ")
 
 
 def test_wait_takes_an_event_sent_with_the_reply(capsys: pytest.CaptureFixture[str]) -> None:
