@@ -193,7 +193,9 @@ def render(value: Any, *, as_json: bool, pretty: bool) -> str:
     lines = []
     for key, leaf in flatten(value):
         text = leaf_text(leaf)
-        lines.append(f"{key}: {text}" if key else text.removesuffix("\n"))
+        if not key:  # a string return: HMP's text ends its lines with \r\n
+            text = text.replace("\r\n", "\n").removesuffix("\n")
+        lines.append(f"{key}: {text}" if key else text)
     return "".join(line + "\n" for line in lines)
 
 

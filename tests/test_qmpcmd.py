@@ -96,6 +96,9 @@ def test_render_strings_as_they_are_the_rest_as_json() -> None:
     )
     assert render({}, as_json=False, pretty=False) == ""
     assert render("pc-q35", as_json=False, pretty=False) == "pc-q35\n"
+    hmp = "VM status: paused\r\nline 2\r\n"
+    assert render(hmp, as_json=False, pretty=False) == "VM status: paused\nline 2\n"
+    assert json.loads(render(hmp, as_json=True, pretty=False)) == hmp
     assert json.loads(render({}, as_json=True, pretty=False)) == {}
     out = render(value, as_json=False, pretty=True)
     assert json.loads(out) == value and "\n    " in out
