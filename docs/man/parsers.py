@@ -27,21 +27,22 @@ class _Captured(Exception):
 
 
 def captured(main: Callable[..., int], *args: Any) -> argparse.ArgumentParser:
-    """The parser that ``main(*args)`` builds: its ``parse_args`` is stopped
-    before it parses anything.  For the commands whose parser is built
-    inside their ``main`` (qom, qom-get, ...)."""
+    """The parser that ``main(*args)`` builds: its parsing is stopped before it
+    parses anything (``parse_args`` and ``parse_intermixed_args`` go through
+    ``parse_known_args``).  For the commands whose parser is built inside
+    their ``main`` (qom, qom-get, ...)."""
 
     def stop(self: argparse.ArgumentParser, *_: Any, **__: Any) -> NoReturn:
         raise _Captured(self)
 
-    original = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = stop  # type: ignore[method-assign]
+    original = argparse.ArgumentParser.parse_known_args
+    argparse.ArgumentParser.parse_known_args = stop  # type: ignore[method-assign]
     try:
         main(*args)
     except _Captured as got:
         return got.parser
     finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
     raise RuntimeError(f"{main.__name__} returned without parsing its arguments")
 
 
