@@ -74,6 +74,8 @@ examples:
   qmp --wait RESUME cont
   qmp --wait DEVICE_DELETED device_del id=nic1
   qmp --json query-block | jq .
+
+More examples: man qmp.
 """
 
 
