@@ -14,7 +14,10 @@ Exit status: 0 on success; 1 when QEMU refuses or cannot be reached (one line
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,6 +70,9 @@ EPILOG_TREE = """\
 examples:
   qom-tree -s /tmp/vm.sock                 the whole machine
   qom-tree /machine/q35                    one subtree
+  qom-tree --format svg --depth 2 -o q35.svg /machine
+                                           a picture (needs Graphviz's dot)
+  qom-tree --format json /machine/q35 | jq '.children'
 
 Each object: its path, one "  NAME: VALUE (TYPE)" line per property that is
 not a child (a property that cannot be read shows "<EXCEPTION: REASON>"), a
@@ -154,7 +160,14 @@ class _Object:
         return [join(self.path, p.name) for p in self.properties if p.is_child]
 
 
-def qom_tree(tree: QOMTree, path: str = "/", *, batch: bool | None = None) -> Iterator[str]:
+def qom_tree(
+    tree: QOMTree,
+    path: str = "/",
+    *,
+    batch: bool | None = None,
+    depth: int | None = None,
+    links: bool = True,
+) -> Iterator[str]:
     """QEMU's ``qom-tree`` output for the subtree at ``path``, line by line.
 
     With ``qom-list-get`` (QEMU >= 10.1; ``batch=None`` uses it when
@@ -162,16 +175,18 @@ def qom_tree(tree: QOMTree, path: str = "/", *, batch: bool | None = None) -> It
     (:meth:`QOMTree.list_get`), then printed; without, it is printed while
     walked (``qom-list`` per object, ``qom-get`` per property).  A property
     whose value the batch lacks is asked for with ``qom-get``, so an
-    unreadable one shows QEMU's reason either way.  Objects that vanish
-    during the walk are left out; a ``path`` that is not an object raises
-    :class:`NotFound`.  QMP failures propagate.
+    unreadable one shows QEMU's reason either way.  ``depth``: objects at
+    most that many levels below ``path`` (0: ``path`` alone); ``links=False``
+    leaves ``link<>`` properties out.  Objects that vanish during the walk
+    are left out; a ``path`` that is not an object raises :class:`NotFound`.
+    QMP failures propagate.
     """
     if batch is None:
         batch = tree.batch
     if batch:
-        fetched = _fetch_levels(tree, path)
-        return _tree_lines(tree, path, fetched.get)
-    return _tree_lines(tree, path, lambda p: _listed(tree, p, p == path))
+        fetched = _fetch_levels(tree, path, depth)
+        return _tree_lines(tree, path, fetched.get, depth, links)
+    return _tree_lines(tree, path, lambda p: _listed(tree, p, p == path), depth, links)
 
 
 def _listed(tree: QOMTree, path: str, must_exist: bool) -> _Object | None:
@@ -184,31 +199,229 @@ def _listed(tree: QOMTree, path: str, must_exist: bool) -> _Object | None:
     return _Object(path, list(listing.properties.values()))
 
 
-def _fetch_levels(tree: QOMTree, root: str) -> dict[str, _Object]:
-    """Every object under ``root``, with one ``qom-list-get`` per level."""
+def _fetch_levels(tree: QOMTree, root: str, depth: int | None = None) -> dict[str, _Object]:
+    """Every object under ``root`` (to ``depth``), with one ``qom-list-get`` per level."""
     out: dict[str, _Object] = {}
     level = [root]
+    below = 0
     while level:
         for listing, values in tree.list_get(level, gone_ok=level != [root]):
             out[listing.path] = _Object(listing.path, list(listing.properties.values()), values)
+        if depth is not None and below >= depth:
+            break
+        below += 1
         level = [child for path in level if path in out for child in out[path].children()]
     return out
 
 
 def _tree_lines(
-    tree: QOMTree, root: str, objects: Callable[[str], _Object | None]
+    tree: QOMTree,
+    root: str,
+    objects: Callable[[str], _Object | None],
+    depth: int | None = None,
+    links: bool = True,
 ) -> Iterator[str]:
-    stack = [root]
+    stack = [(root, 0)]
     while stack:
-        obj = objects(stack.pop())
+        path, below = stack.pop()
+        obj = objects(path)
         if obj is None:
             continue
         yield obj.path
         for prop in obj.properties:
-            if not prop.is_child:
+            if not prop.is_child and (links or not prop.is_link):
                 yield f"  {prop.name}: {_value_text(tree, obj, prop)} ({prop.type})"
         yield ""
-        stack.extend(reversed(obj.children()))
+        if depth is None or below < depth:
+            stack.extend((child, below + 1) for child in reversed(obj.children()))
+
+
+# --- pictures and JSON --------------------------------------------------------------
+
+
+@dataclass
+class Picture:
+    """The objects of a subtree and the edges between them, as DOT draws them.
+
+    ``objects``: path -> (name, QOM type) of every object drawn, the root
+    first, depth-first; ``outside``: link targets that are not in the
+    subtree (drawn apart, labelled with their path); ``children`` and
+    ``links``: (from, to) and (from, property, to) edges.  Unset links are
+    not edges.
+    """
+
+    objects: dict[str, tuple[str, str]] = field(default_factory=dict)
+    outside: list[str] = field(default_factory=list)
+    children: list[tuple[str, str]] = field(default_factory=list)
+    links: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def _walk(
+    tree: QOMTree, root: str, batch: bool | None, depth: int | None
+) -> Iterator[tuple[_Object, int]]:
+    """The objects of the subtree, depth-first, each with its depth below ``root``."""
+    if batch is None:
+        batch = tree.batch
+    if batch:
+        fetched = _fetch_levels(tree, root, depth)
+        get: Callable[[str], _Object | None] = fetched.get
+    else:
+
+        def get(p: str) -> _Object | None:
+            return _listed(tree, p, p == root)
+
+    stack = [(root, 0)]
+    while stack:
+        path, below = stack.pop()
+        obj = get(path)
+        if obj is None:
+            continue
+        yield obj, below
+        if depth is None or below < depth:
+            stack.extend((child, below + 1) for child in reversed(obj.children()))
+
+
+def _value(tree: QOMTree, obj: _Object, prop: Property) -> Any:
+    """A property's value: from the batch, else ``qom-get``; QOMError when refused."""
+    if prop.name in obj.values:
+        return obj.values[prop.name]
+    return tree.get(join(obj.path, prop.name))
+
+
+def _root_type(tree: QOMTree, obj: _Object) -> str:
+    try:
+        value = _value(tree, obj, Property("type", "string"))
+    except QOMError:
+        return "object"
+    return value if isinstance(value, str) else "object"
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[2] or "/"
+
+
+def picture(
+    tree: QOMTree,
+    path: str = "/",
+    *,
+    batch: bool | None = None,
+    depth: int | None = None,
+    links: bool = True,
+) -> Picture:
+    """What ``qom-tree --format dot`` draws of the subtree at ``path``.
+
+    Fetches each object's listing and the value of each ``link<>`` property
+    (not the other values); a link QEMU cannot read is left out, as an unset
+    one is.  Raises :class:`NotFound` for a ``path`` that is not an object.
+    """
+    pic = Picture()
+    types: dict[str, str] = {}
+    for obj, _below in _walk(tree, path, batch, depth):
+        kind = types.get(obj.path) or _root_type(tree, obj)
+        pic.objects[obj.path] = (_name(obj.path), kind)
+        for prop in obj.properties:
+            if prop.is_child:
+                child = join(obj.path, prop.name)
+                types[child] = prop.target_type
+                if depth is None or _below < depth:
+                    pic.children.append((obj.path, child))
+            elif prop.is_link and links:
+                try:
+                    target = _value(tree, obj, prop)
+                except QOMError:
+                    continue
+                if isinstance(target, str) and target.startswith("/"):
+                    pic.links.append((obj.path, prop.name, target))
+    # A child that vanished during the walk has no node: drop its edge.
+    pic.children = [(a, b) for a, b in pic.children if b in pic.objects]
+    seen: set[str] = set()
+    for _, _, target in pic.links:
+        if target not in pic.objects and target not in seen:
+            seen.add(target)
+            pic.outside.append(target)
+    return pic
+
+
+def _dot_escape(text: str) -> str:
+    r"""Text for a DOT label (an escString: ``\\`` is a backslash, ``\n`` a line break)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dot_string(text: str) -> str:
+    r"""A DOT ID: quoted, ``"`` escaped, backslashes kept as they are (DOT reads
+    ``\x2f`` in a QOM name literally).  A name ending in a backslash gets a
+    second one, or it would escape the closing quote."""
+    quoted = text.replace('"', '\\"')
+    if (len(quoted) - len(quoted.rstrip("\\"))) % 2:
+        quoted += "\\"
+    return f'"{quoted}"'
+
+
+def dot_lines(pic: Picture) -> Iterator[str]:
+    """Graphviz DOT of a :class:`Picture`: objects are boxes labelled with
+    their name and QOM type, ``child<>`` edges solid, ``link<>`` edges
+    dashed and labelled with the property's name."""
+    yield "digraph qom {"
+    yield "  rankdir=LR;"
+    yield '  node [shape=box, fontname="Helvetica", fontsize=10];'
+    yield '  edge [fontname="Helvetica", fontsize=9];'
+    for path, (name, kind) in pic.objects.items():
+        label = f'"{_dot_escape(name)}\\n{_dot_escape(kind)}"'  # \n: a line break in DOT
+        yield f"  {_dot_string(path)} [label={label}];"
+    for path in pic.outside:
+        yield f"  {_dot_string(path)} [style=dashed];"
+    for a, b in pic.children:
+        yield f"  {_dot_string(a)} -> {_dot_string(b)};"
+    for a, name, b in pic.links:
+        label = f'"{_dot_escape(name)}"'
+        yield f"  {_dot_string(a)} -> {_dot_string(b)} [style=dashed, label={label}];"
+    yield "}"
+
+
+def tree_json(
+    tree: QOMTree,
+    path: str = "/",
+    *,
+    batch: bool | None = None,
+    depth: int | None = None,
+    links: bool = True,
+) -> dict[str, Any]:
+    """The subtree at ``path`` as nested JSON-able dicts.
+
+    Each object: ``{"path", "type", "properties": {NAME: {"type", "value"}},
+    "children": {NAME: object}}``; a property QEMU cannot read has
+    ``"error"`` (QEMU's reason) instead of ``"value"``; a child below
+    ``depth`` has only ``path`` and ``type``.  ``links=False`` leaves
+    ``link<>`` properties out.
+    """
+    made: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] | None = None
+    for obj, below in _walk(tree, path, batch, depth):
+        node = made.pop(obj.path, None)
+        if node is None:  # the root
+            node = {"path": obj.path, "type": _root_type(tree, obj)}
+            top = node
+        props: dict[str, Any] = {}
+        kids: dict[str, Any] = {}
+        for prop in obj.properties:
+            if prop.is_child:
+                child = {"path": join(obj.path, prop.name), "type": prop.target_type}
+                kids[prop.name] = child
+                if depth is None or below < depth:
+                    made[child["path"]] = child
+                continue
+            if prop.is_link and not links:
+                continue
+            entry: dict[str, Any] = {"type": prop.type}
+            try:
+                entry["value"] = _value(tree, obj, prop)
+            except QOMError as err:
+                entry["error"] = err.cause.desc if isinstance(err.cause, ExecuteError) else str(err)
+            props[prop.name] = entry
+        node["properties"] = props
+        node["children"] = kids
+    assert top is not None  # _walk yields the root or raises NotFound
+    return top
 
 
 def _value_text(tree: QOMTree, obj: _Object, prop: Property) -> str:
@@ -342,15 +555,102 @@ def main_list(argv: list[str] | None = None, prog: str = "qom-list") -> int:
     return _run(prog, parser, args, lambda tree: qom_list(tree, args.path))
 
 
+FORMATS = ("text", "json", "dot", "svg", "png")
+GRAPHVIZ_MISSING = "Graphviz's dot is not installed (Debian: apt-get install graphviz)"
+
+
+class GraphvizError(QomfsError):
+    """Graphviz's ``dot`` is missing or refused the picture."""
+
+
+def render(dot_text: str, fmt: str, output: str | None) -> bytes:
+    """Run Graphviz's ``dot -T FMT`` on ``dot_text``: into ``output``, or the
+    bytes returned.  Raises :class:`GraphvizError`."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise GraphvizError(GRAPHVIZ_MISSING)
+    cmd = [exe, f"-T{fmt}"] + (["-o", output] if output else [])
+    try:
+        done = subprocess.run(cmd, input=dot_text.encode(), capture_output=True, check=False)
+    except OSError as err:
+        raise GraphvizError(f"cannot run {exe}: {err}") from err
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()
+        raise GraphvizError(f"dot -T{fmt} failed: {why[0] if why else done.returncode}")
+    return done.stdout
+
+
+def _depth_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a depth (0, 1, 2, ...)")
+    return value
+
+
 def main_tree(argv: list[str] | None = None, prog: str = "qom-tree") -> int:
-    """``qom-tree [-s SOCKET] [PATH]``: print a subtree with every value."""
+    """``qom-tree [-s SOCKET] [--format F] [--depth N] [--no-links] [-o FILE] [PATH]``:
+    print a subtree with every value, as text, JSON or a Graphviz picture."""
     parser = _parser(prog, "Print a QOM subtree with every property's value.", EPILOG_TREE)
     parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)")
     parser.add_argument(
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
     )
+    parser.add_argument(
+        "-f",
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text (qom-tree's own, the default), json (nested objects with typed values), "
+        "dot (Graphviz), svg or png (drawn by Graphviz's dot)",
+    )
+    parser.add_argument(
+        "-d",
+        "--depth",
+        type=_depth_arg,
+        metavar="N",
+        help="objects at most N levels below PATH (0: PATH alone)",
+    )
+    parser.add_argument(
+        "--no-links", action="store_true", help="leave link<> properties (dashed edges) out"
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
     args = parser.parse_args(argv)
-    return _run(prog, parser, args, lambda tree: qom_tree(tree, args.path), batch=not args.no_batch)
+    fmt: str = args.format
+    if fmt in ("svg", "png") and shutil.which("dot") is None:
+        print(f"{prog}: {GRAPHVIZ_MISSING}", file=sys.stderr)
+        return 1
+    if fmt == "png" and not args.output and sys.stdout.isatty():
+        parser.error("--format png writes binary: give -o FILE or redirect stdout")
+    opts: dict[str, Any] = {"depth": args.depth, "links": not args.no_links}
+
+    def lines(tree: QOMTree) -> Iterator[str]:
+        if fmt == "text":
+            return qom_tree(tree, args.path, **opts)
+        if fmt == "json":
+            return iter([json.dumps(tree_json(tree, args.path, **opts), indent=2)])
+        return dot_lines(picture(tree, args.path, **opts))
+
+    def work(tree: QOMTree) -> Iterator[str] | None:
+        if fmt in ("svg", "png"):
+            drawn = render("\n".join(lines(tree)) + "\n", fmt, args.output)
+            if not args.output:
+                sys.stdout.buffer.write(drawn)
+                sys.stdout.flush()
+            return None
+        if not args.output:
+            return lines(tree)
+        text = "".join(line + "\n" for line in lines(tree))  # all fetched, then written
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as err:
+            raise QomfsError(f"{args.output}: {err.strerror}") from err
+        return None
+
+    return _run(prog, parser, args, work, batch=not args.no_batch)
 
 
 def _main_fuse(argv: list[str] | None = None, prog: str = "qom fuse") -> int:
