@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """``qom-fuse``: mount a QEMU's QOM tree.
 
 Compatible with QEMU's ``scripts/qmp/qom-fuse``: ``qom-fuse [-s SOCKET]
@@ -169,6 +170,9 @@ def _take_own_options(args: argparse.Namespace, options: dict[str, str | bool]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    from qomfs.completion import autocomplete  # a <TAB> in the shell: answer, exit
+
+    autocomplete(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],

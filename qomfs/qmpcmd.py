@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """``qmp``: one QMP command per call, its arguments typed from QEMU's schema and its
 reply printed one leaf per line (or as JSON), for scripts; ``qmp NAME`` runs the
 program ``qmp-NAME`` when QEMU has no command of that name.
@@ -354,6 +355,9 @@ class Call:
 def main(argv: list[str] | None = None) -> int:
     quiet_client_log()
     parser = make_parser()
+    from qomfs.completion import autocomplete  # a <TAB> in the shell: answer, exit
+
+    autocomplete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as leave:  # --help, --version, or a usage error (2)

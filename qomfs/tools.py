@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: these commands complete themselves)
 """``qom-get``, ``qom-set``, ``qom-list``, ``qom-tree`` and ``qom``: QEMU's QOM tools.
 
 The command lines of QEMU's ``scripts/qmp/qom-*`` (``python/qemu/utils/qom.py``):
@@ -25,6 +26,7 @@ from typing import Any, TextIO
 
 from qomfs import __version__
 from qomfs.argtypes import seconds_arg
+from qomfs.completion import autocomplete, path_completer, set_completer
 from qomfs.errors import (
     ExecuteError,
     Guarded,
@@ -518,7 +520,11 @@ def _print_lines(lines: Iterator[str], out: TextIO) -> None:
 def main_get(argv: list[str] | None = None, prog: str = "qom-get") -> int:
     """``qom-get [-s SOCKET] PATH.PROPERTY``: print a property's value."""
     parser = _parser(prog, "Print a QOM property's value.", EPILOG_GET)
-    parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property")
+    set_completer(
+        parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property"),
+        path_completer(properties=True),
+    )
+    autocomplete(parser)
     args = parser.parse_args(argv)
     path, prop = _path_prop(parser, args.path_prop)
 
@@ -531,13 +537,17 @@ def main_get(argv: list[str] | None = None, prog: str = "qom-get") -> int:
 def main_set(argv: list[str] | None = None, prog: str = "qom-set") -> int:
     """``qom-set [-s SOCKET] PATH.PROPERTY VALUE``: set a property, converted by type."""
     parser = _parser(prog, "Set a QOM property's value.", EPILOG_SET)
-    parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property")
+    set_completer(
+        parser.add_argument("path_prop", metavar="PATH.PROPERTY", help="object path and property"),
+        path_completer(properties=True),
+    )
     parser.add_argument("value", metavar="VALUE", help="the new value, as text")
     parser.add_argument(
         "--force",
         action="store_true",
         help="do writes that can take the VM down (realized=false unrealizes a live device)",
     )
+    autocomplete(parser)
     args = parser.parse_args(argv)
     path, prop = _path_prop(parser, args.path_prop)
 
@@ -550,7 +560,11 @@ def main_set(argv: list[str] | None = None, prog: str = "qom-set") -> int:
 def main_list(argv: list[str] | None = None, prog: str = "qom-list") -> int:
     """``qom-list [-s SOCKET] [PATH]``: list an object's properties."""
     parser = _parser(prog, "List a QOM object's properties.", EPILOG_LIST)
-    parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)")
+    set_completer(
+        parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)"),
+        path_completer(properties=False),
+    )
+    autocomplete(parser)
     args = parser.parse_args(argv)
     return _run(prog, parser, args, lambda tree: qom_list(tree, args.path))
 
@@ -594,7 +608,10 @@ def main_tree(argv: list[str] | None = None, prog: str = "qom-tree") -> int:
     """``qom-tree [-s SOCKET] [--format F] [--depth N] [--no-links] [-o FILE] [PATH]``:
     print a subtree with every value, as text, JSON or a Graphviz picture."""
     parser = _parser(prog, "Print a QOM subtree with every property's value.", EPILOG_TREE)
-    parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)")
+    set_completer(
+        parser.add_argument("path", metavar="PATH", nargs="?", default="/", help="(default /)"),
+        path_completer(properties=False),
+    )
     parser.add_argument(
         "--no-batch", action="store_true", help="do not use qom-list-get even where QEMU has it"
     )
@@ -617,6 +634,7 @@ def main_tree(argv: list[str] | None = None, prog: str = "qom-tree") -> int:
         "--no-links", action="store_true", help="leave link<> properties (dashed edges) out"
     )
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    autocomplete(parser)
     args = parser.parse_args(argv)
     fmt: str = args.format
     if fmt in ("svg", "png") and shutil.which("dot") is None:
@@ -679,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see below")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments")
+    autocomplete(parser)
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args.args, f"qom {args.command}")
 

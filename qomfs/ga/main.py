@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """The ``qemu-ga-client`` command line: run guest agent commands from the host.
 
 Upstream's commands with their output (``cat`` writes the file's bytes,
@@ -439,6 +440,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the exit status (0 ok, 1 failed, 2 bad usage)."""
     parser = _parser()
+    from qomfs.completion import autocomplete  # a <TAB> in the shell: answer, exit
+
+    autocomplete(parser)
     args = parser.parse_args(argv)
     if not args.address:
         parser.error(f"no agent address: give --address or set ${ENV_ADDRESS}")

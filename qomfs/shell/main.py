@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """``qmp-shell``: QEMU's interactive QMP shell on qomfs's thread-safe client.
 
 Interactive on a terminal (prompt, readline, history, completion, events
@@ -608,6 +609,9 @@ def quiet_client_log() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_client_log()
     parser = make_parser()
+    from qomfs.completion import autocomplete  # a <TAB> in the shell: answer, exit
+
+    autocomplete(parser)
     args = parser.parse_args(argv)
     address = args.socket or os.environ.get("QMP_SOCKET")
     if not address:

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: this command completes itself)
 """``qmp-shell-wrap``: start QEMU connected to a fresh qmp-shell, with no race.
 
 The shell listens on a unix socket in a private temporary directory and
@@ -202,6 +203,9 @@ def wait_for_qemu(client: QMPClient, qemu: Qemu, timeout: float) -> str | None:
 def wrap_main(argv: list[str] | None = None) -> int:
     quiet_client_log()
     parser = make_parser()
+    from qomfs.completion import autocomplete  # a <TAB> in the shell: answer, exit
+
+    autocomplete(parser)
     args = parser.parse_args(argv)
     options = options_from(args)
     tmpdir = Path(tempfile.mkdtemp(prefix="qmp-shell-wrap-"))  # mode 0700
