@@ -41,6 +41,11 @@ FUSE_FILL_DIR_PLUS = 2
 #: libfuse3's default: READDIRPLUS only for a directory's first chunk (then
 #: the entries of a large directory each cost a LOOKUP).  Switched off.
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+#: libfuse3's default: O_TRUNC travels with OPEN.  Without OPEN (no_open) it
+#: would be lost; switched off, the kernel sends a truncate first.
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
+#: The kernel drops a file's cached pages when its ``st_mtime`` changes.
+FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 #: Idle worker threads libfuse3 keeps.  mfusepy leaves the option unset, and
 #: libfuse 3.14.0 then prints "Ignoring invalid max threads value 4294967295
 #: > max (100000)." at every mount; libfuse2 knows no such option.
@@ -49,6 +54,43 @@ MAX_IDLE_THREADS = 10
 
 _BaseFUSE: Any = _binding.FUSE
 _pinned = threading.local()
+_libfuse: Any = getattr(_binding, "_libfuse", None)
+#: libfuse3's ``struct fuse *`` of this process's mount, seen in a request.
+_fuse_ptr: int | None = None
+
+
+class _Counts(threading.local):
+    """One dict of request counts per libfuse thread: no lock on the way."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        with _all_lock:
+            _all_counts.append(self.counts)
+
+
+_all_counts: list[dict[str, int]] = []
+_all_lock = threading.Lock()
+_counts = _Counts()
+
+
+def request_counts() -> dict[str, int]:
+    """How many requests of each kind the kernel sent into Python, named by
+    the operation that served them (``getattr`` answers LOOKUP and GETATTR)."""
+    total: dict[str, int] = {}
+    with _all_lock:
+        tables = list(_all_counts)
+    for table in tables:
+        for name, n in list(table.items()):
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+def _count(func: Any) -> None:
+    name = getattr(func, "__name__", "?")
+    if name.endswith(("_fuse_2", "_fuse_3")):
+        name = name[:-7]
+    table = _counts.counts
+    table[name] = table.get(name, 0) + 1
 
 
 def _pin_thread_state() -> None:
@@ -76,16 +118,25 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._templates: dict[int, tuple[dict[str, Any], bytes]] = {}
         kwargs.setdefault("max_idle_threads", MAX_IDLE_THREADS)
+        _kernel_options(args[0] if args else kwargs.get("operations"), kwargs, libfuse3=True)
         super().__init__(*args, **kwargs)  # runs the FUSE loop
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         if not getattr(_pinned, "done", False):
             _pin_thread_state()
+        _count(func)
+        global _fuse_ptr
+        if _fuse_ptr is None and _libfuse is not None:
+            _fuse_ptr = _libfuse.fuse_get_context().contents.fuse
         return super()._wrapper(func, *args, **kwargs)
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
+        if conn and getattr(self.operations, "no_open", False):
+            conn.contents.want &= ~FUSE_CAP_ATOMIC_O_TRUNC
+            if conn.contents.capable & FUSE_CAP_AUTO_INVAL_DATA:
+                conn.contents.want |= FUSE_CAP_AUTO_INVAL_DATA
         super().init_fuse_3(conn, config)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
@@ -108,10 +159,18 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
         entries = plus(path.decode(self.encoding, self.errors), offset)
         # Offsets, not 0: libfuse 3.14 drops the attributes of entries that
         # it buffers itself (offset 0).  The kernel resumes at an entry's offset.
-        for index, (name, ino, attrs) in enumerate(entries, start=offset):
+        for index, (name, ino, attrs, known) in enumerate(entries, start=offset):
             ctypes.memmove(ctypes.byref(st), self._template(attrs), ctypes.sizeof(st))
             st.st_ino = ino
             fill = 0 if name in (".", "..") else plus_flag
+            if known is None:
+                fill = 0  # only the type: the kernel asks (LOOKUP) for the rest
+            elif known is not SHARED:
+                size, mtime = known
+                st.st_size = size
+                st.st_blocks = (size + 511) // 512
+                st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(mtime, 1_000_000_000)
+                st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(mtime, 1_000_000_000)
             if filler(buf, name.encode(self.encoding, self.errors), st, index + 1, fill) != 0:
                 break
         return 0
@@ -128,6 +187,51 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
         return hit[1]
 
 
+class _FUSE2(_BaseFUSE):  # type: ignore[misc]
+    """libfuse2's FUSE (fusepy, or mfusepy without libfuse3): requests counted."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _kernel_options(args[0] if args else kwargs.get("operations"), kwargs, libfuse3=False)
+        super().__init__(*args, **kwargs)  # runs the FUSE loop
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        _count(func)
+        return super()._wrapper(func, *args, **kwargs)
+
+
+def _kernel_options(operations: Any, kwargs: dict[str, Any], libfuse3: bool) -> None:
+    """The kernel's cache settings the operations ask for.
+
+    ``operations.kernel_timeouts`` caps ``attr_timeout`` and
+    ``entry_timeout`` (the kernel's attributes must not outlive the values
+    they describe).
+    """
+    timeouts = getattr(operations, "kernel_timeouts", None)
+    if isinstance(timeouts, dict):
+        for name, cap in timeouts.items():
+            given = kwargs.get(name)
+            kwargs[name] = cap if given is None else min(float(given), cap)
+
+
+#: In a ``readdir_plus`` entry: the attributes dict is whole as it is.
+SHARED = True
+
+
+def invalidate_path(path: str) -> bool:
+    """Ask the kernel to drop what it caches of ``path`` (attributes, pages).
+
+    libfuse3's ``fuse_invalidate_path``; call it outside the request that
+    concerns ``path`` (the kernel may hold that file's pages locked).  False
+    when it cannot be done here (libfuse2, or before the first request).
+    """
+    if _fuse_ptr is None or _libfuse is None or not hasattr(_libfuse, "fuse_invalidate_path"):
+        return False
+    func = _libfuse.fuse_invalidate_path
+    func.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    func.restype = ctypes.c_int
+    return int(func(_fuse_ptr, path.encode("utf-8", "surrogateescape"))) == 0
+
+
 def caller_pid() -> int:
     """The process whose request this FUSE thread serves; 0 outside a request."""
     try:
@@ -136,7 +240,11 @@ def caller_pid() -> int:
         return 0
 
 
-FUSE: Any = _FUSE if getattr(_binding, "fuse_version_major", 2) == 3 else _binding.FUSE
+#: Whether files can go without OPEN and keep their pages (no_open).  It
+#: needs the kernel to drop a file's pages when its ``st_mtime`` changes
+#: (auto_inval_data): libfuse3 asks for that, libfuse 2.9 cannot.
+KERNEL_CACHE: bool = getattr(_binding, "fuse_version_major", 2) == 3
+FUSE: Any = _FUSE if getattr(_binding, "fuse_version_major", 2) == 3 else _FUSE2
 FuseOSError: Any = _binding.FuseOSError
 Operations: Any = _binding.Operations
 BINDING: str = _binding.__name__

@@ -113,13 +113,18 @@ class TTLCache(Generic[K, V]):
         with self._lock:
             return len(self._data)
 
-    def peek(self, key: K) -> tuple[bool, V | None]:
-        """``(True, value)`` when a fresh value is cached, else ``(False, None)``."""
+    def peek(self, key: K, max_age: float | None = None) -> tuple[bool, V | None]:
+        """``(True, value)`` when a fresh value is cached, else ``(False, None)``.
+
+        With ``max_age``, a value is fresh only if its fetch began at most
+        that many seconds ago (and within the TTL).
+        """
         if self.ttl <= 0:
             return False, None
+        limit = self.ttl if max_age is None else min(self.ttl, max_age)
         with self._lock:
             hit = self._data.get(key)
-            if hit is not None and self.clock() < hit[0] + self.ttl:
+            if hit is not None and self.clock() < hit[0] + limit:
                 return True, hit[1]
         return False, None
 
@@ -176,8 +181,11 @@ class TTLCache(Generic[K, V]):
                 self._data.update((key, (fetched_at, value)) for key, value in items)
             self._sweep_if_due(now)
 
-    def get(self, key: K, fetch: Callable[[], V]) -> V:
+    def get(self, key: K, fetch: Callable[[], V], max_age: float | None = None) -> V:
         """The cached value for ``key``, or ``fetch()`` (run once for all waiters).
+
+        ``max_age``: a cached value whose fetch began longer ago than that is
+        fetched again, even within the TTL (a fetch under way is joined).
 
         Exceptions from ``fetch`` propagate to every waiting caller and are
         not cached.  A caller that joins another thread's fetch raises
@@ -189,7 +197,8 @@ class TTLCache(Generic[K, V]):
             now = self.clock()
             self._sweep_if_due(now)
             hit = self._data.get(key)
-            if hit is not None and now < hit[0] + self.ttl:
+            limit = self.ttl if max_age is None else min(self.ttl, max_age)
+            if hit is not None and now < hit[0] + limit:
                 return hit[1]
             flight = self._flights.get(key)
             joined = flight is not None

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -26,7 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from qomfs import values
-from qomfs._fuse import FuseOSError, Operations, caller_pid
+from qomfs._fuse import (
+    KERNEL_CACHE,
+    SHARED,
+    FuseOSError,
+    Operations,
+    caller_pid,
+    invalidate_path,
+    request_counts,
+)
 from qomfs.errors import (
     CommandTimeout,
     ConnectionLost,
@@ -82,9 +91,19 @@ PENDING_LINK_LIFE = 30.0
 LN_TEMPORARY = re.compile(r"Cu[A-Za-z0-9]{6}")
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 
-#: ``st_size`` of a property file.  The real length is known only after a
-#: ``qom-get``; files are opened with direct I/O so readers see the whole value.
+#: ``st_size`` of a property file whose value cannot be read (no getter, a
+#: getter that fails): not 0, so that a read is asked for and gets the error.
+#: Any other property file's ``st_size`` is the length of its text.
 FILE_SIZE = 4096
+#: What the kernel may keep of a file's attributes, as a share of the TTL;
+#: a size or time reported was at most the rest of the TTL old.
+ATTR_SHARE = 0.5
+#: How long (at least) what was reported of a file is remembered, to keep
+#: its ``st_mtime`` while its text stays the same.
+SEEN_RETAIN = 120.0
+#: A value written through the mount and sent is kept that long for a
+#: process that writes on after it (``(echo a; sleep 1; echo b) > prop``).
+WRITER_RETAIN = 60.0
 #: ``st_blksize`` of a property file: stdio (glibc takes min(st_blksize,
 #: BUFSIZ=8192)), Python's ``open()`` and ``tr`` write in chunks of this size
 #: when a value does not fit in one, so a first write() shorter than this is
@@ -190,7 +209,8 @@ def inode(path: str) -> int:
 
 @dataclass
 class _Handle:
-    """One open file: what it read, and the value it is writing."""
+    """One open file (or, without OPEN, one file's writer): what it read,
+    and the value it is writing."""
 
     path: str
     data: bytes | None = None  # the value as read, fixed for this open file
@@ -199,6 +219,31 @@ class _Handle:
     failed: int = 0  # the errno of a refusal already reported: nothing more is sent
     qom_type: str | None = None  # the property's type, looked up at the first write
     lock: threading.Lock = field(default_factory=threading.Lock)
+    writers: set[int] = field(default_factory=set)  # without OPEN: the writers' processes
+    used: float = 0.0  # without OPEN: when it was last written (monotonic)
+
+
+@dataclass
+class _Seen:
+    """What was last reported of a property file: its text and ``st_mtime``."""
+
+    text: str
+    data: bytes
+    mtime: int  # nanoseconds; a new one whenever the text changes
+    reported: float  # monotonic; the kernel may keep the size until then + attr timeout
+    dirty: bool = False  # written through the mount: next time, a new mtime
+
+
+def thread_group(pid: int) -> int:
+    """The process (thread group) of thread ``pid``; ``pid`` if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return pid
 
 
 # --- judging what an open file has written so far ----------------------------------
@@ -306,6 +351,16 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     ``read_only`` refuses every write with EROFS before any QMP command.
     ``on_ready`` runs once the kernel has sent INIT (the mount is usable).
+
+    ``no_open`` (the default with libfuse3): ``open`` answers ENOSYS, after which the
+    kernel sends no OPEN or RELEASE for files and keeps their pages cached
+    until a getattr shows a new ``st_mtime`` or ``st_size``.  A file's size
+    is the length of its text; its ``st_mtime`` changes whenever a value
+    fetched again has a different text, or was written through the mount.
+    Writes then come with no open file: a value being written is kept per
+    path and per writing process (see :meth:`write`).  ``no_open=False``
+    (libfuse2, whose kernel cache cannot be told of a changed ``st_mtime``)
+    opens files with direct I/O and a handle per open file.
     """
 
     use_ns = True  # times in integer nanoseconds (mfusepy, fusepy >= 3)
@@ -317,7 +372,9 @@ class QOMFS(Operations):  # type: ignore[misc]
         read_only: bool = False,
         on_ready: Callable[[], None] | None = None,
         mountpoint: str = "",
+        no_open: bool | None = None,
     ) -> None:
+        self.no_open = KERNEL_CACHE if no_open is None else no_open
         self.mountpoint = mountpoint
         self.tree = tree
         self.read_only = read_only
@@ -330,6 +387,21 @@ class QOMFS(Operations):  # type: ignore[misc]
         self._handles_lock = threading.Lock()
         self._next_fh = itertools.count(1)
         self._pending: dict[str, tuple[str, float]] = {}  # path -> (symlink text, expiry)
+        self._seen: dict[str, _Seen] = {}
+        self._writers: dict[str, _Handle] = {}  # without OPEN: path -> its value being written
+        self._swept = time.monotonic()
+        ttl = getattr(tree, "ttl", 1.0)
+        ttl = ttl if isinstance(ttl, (int, float)) and ttl >= 0 else 1.0
+        #: How long the kernel may keep attributes and entries: a share of
+        #: the TTL, so that a size it keeps plus the age of the value it
+        #: measured stays within the TTL.  (At most 1 s, as before.)
+        self.attr_timeout = min(1.0, ATTR_SHARE * ttl) if math.isfinite(ttl) else 1.0
+        #: A value reported in a getattr was fetched at most this long ago.
+        self.max_age = self.attr_timeout if math.isfinite(ttl) else None
+        self.kernel_timeouts = {
+            "attr_timeout": self.attr_timeout,
+            "entry_timeout": self.attr_timeout,
+        }
 
     # --- life cycle ---------------------------------------------------------
 
@@ -369,12 +441,89 @@ class QOMFS(Operations):  # type: ignore[misc]
         }
 
     def _attrs(self, node: Node) -> dict[str, Any]:
-        return dict(self._bases[node.kind], st_ino=inode(node.path))
+        attrs = dict(self._bases[node.kind], st_ino=inode(node.path))
+        if node.kind is Kind.PROPERTY:
+            try:
+                data, mtime = self._text(node.path, self.max_age)
+            except (NotFound, NotADirectory):
+                raise
+            except QomfsError as err:
+                # Not readable, or its getter failed: a read says why.
+                log.debug("%s: no size: %s", node.path, err)
+                return attrs
+            attrs.update(
+                st_size=len(data),
+                st_blocks=(len(data) + 511) // 512,
+                st_mtime=mtime,
+                st_ctime=mtime,
+            )
+        return attrs
+
+    def _text(self, path: str, max_age: float | None) -> tuple[bytes, int]:
+        """The text of the property at ``path`` (fetched at most ``max_age``
+        seconds ago) and its ``st_mtime``, noted as reported to the kernel."""
+        read_text: Callable[..., str] = self.tree.read_text
+        text = read_text(path, max_age) if max_age is not None and self._fresh_reads else None
+        if text is None:
+            text = read_text(path)
+        return self._note(path, text)
+
+    @functools.cached_property
+    def _fresh_reads(self) -> bool:
+        """Whether the tree's ``read_text`` takes a ``max_age`` (QOMTree does)."""
+        known = getattr(self.tree, "known_text", None)
+        return callable(known)
+
+    def _note(self, path: str, text: str) -> tuple[bytes, int]:
+        """Note ``text`` as what the kernel is told of ``path``; its mtime."""
+        now = time.monotonic()
+        with self._handles_lock:
+            seen = self._seen.get(path)
+            if seen is not None and seen.text == text and not seen.dirty:
+                seen.reported = now
+                return seen.data, seen.mtime
+            mtime = time.time_ns()
+            if seen is not None and mtime <= seen.mtime:
+                mtime = seen.mtime + 1  # changed: the time must change too
+            data = text.encode("utf-8", "surrogateescape")
+            self._seen[path] = _Seen(text, data, mtime, now)
+            if now - self._swept > SEEN_RETAIN / 4:
+                self._sweep(now)
+        return data, mtime
+
+    def _sweep(self, now: float) -> None:
+        """Forget what was reported long ago, and writers long done (lock held)."""
+        self._swept = now
+        keep = max(SEEN_RETAIN, 4 * self.attr_timeout)
+        self._seen = {p: s for p, s in self._seen.items() if now - s.reported < keep}
+        self._writers = {
+            p: h
+            for p, h in self._writers.items()
+            if not h.sent or h.failed or now - h.used < WRITER_RETAIN
+        }
+
+    def _reported(self, path: str) -> bytes | None:
+        """The text the kernel was told the size of, while it may keep it."""
+        with self._handles_lock:
+            seen = self._seen.get(path)
+            if seen is None or seen.dirty:
+                return None
+            if time.monotonic() - seen.reported > self.attr_timeout:
+                return None
+            return seen.data
+
+    def _touch(self, path: str) -> None:
+        """``path`` is being written: its next report gets a new ``st_mtime``
+        (the kernel then drops pages holding what was written)."""
+        with self._handles_lock:
+            seen = self._seen.get(path)
+            if seen is not None:
+                seen.dirty = True
 
     @_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         if self._pending and self._pending_link(path) is not None:
-            return self._attrs(Node(path, Kind.LINK, None))
+            return dict(self._bases[Kind.LINK], st_ino=inode(path))
         return self._attrs(self.tree.lookup(path))
 
     @_operation
@@ -382,24 +531,38 @@ class QOMFS(Operations):  # type: ignore[misc]
         """Plain READDIR (libfuse2): each entry's type and inode."""
         return [".", ".."] + [
             (name, {"st_mode": attrs["st_mode"], "st_ino": ino}, 0)
-            for name, ino, attrs in self._entries(path, 2, ahead=True)
+            for name, ino, attrs, _ in self._entries(path, 2, ahead=True, sizes=False)
         ]
 
     @_operation
-    def readdir_plus(self, path: str, offset: int) -> list[tuple[str, int, dict[str, Any]]]:
+    def readdir_plus(self, path: str, offset: int) -> list[tuple[str, int, dict[str, Any], Any]]:
         """For READDIRPLUS (libfuse3): from entry ``offset`` on, each entry's
-        name, inode and other attributes (one shared dict per kind of entry).
+        name, inode, attributes (one shared dict per kind of entry) and what
+        differs for it: :data:`~qomfs._fuse.SHARED` (nothing), ``(size,
+        mtime)`` of a property whose value is known, or None for one whose
+        value is not (the kernel then asks for its attributes by LOOKUP).
         A call past the first is the kernel asking for the rest, or the end."""
-        return self._entries(path, offset, ahead=offset == 0)
+        return self._entries(path, offset, ahead=offset == 0, sizes=True)
 
     def _entries(
-        self, path: str, offset: int, ahead: bool
-    ) -> list[tuple[str, int, dict[str, Any]]]:
+        self, path: str, offset: int, ahead: bool, sizes: bool
+    ) -> list[tuple[str, int, dict[str, Any], Any]]:
         props = self.tree.readdir(path, ahead=ahead)
         here = self._bases[Kind.OBJECT]
-        entries = [(dot, inode(path), here) for dot in (".", "..")][offset:]
+        entries: list[tuple[str, int, dict[str, Any], Any]] = [
+            (dot, inode(path), here, SHARED) for dot in (".", "..")
+        ][offset:]
+        known: Callable[[str, float], str | None] | None = getattr(self.tree, "known_text", None)
+        max_age = self.max_age if self.max_age is not None else float("inf")
         for prop in props[max(0, offset - 2) :]:
-            entries.append((prop.name, inode(join(path, prop.name)), self._bases[prop.kind]))
+            child = join(path, prop.name)
+            extra: Any = SHARED
+            if sizes and prop.kind is Kind.PROPERTY:
+                text = known(child, max_age) if known is not None else None
+                extra = None if text is None else self._note(child, text)
+                if extra is not None:
+                    extra = (len(extra[0]), extra[1])
+            entries.append((prop.name, inode(child), self._bases[prop.kind], extra))
         return entries
 
     @_operation
@@ -418,6 +581,9 @@ class QOMFS(Operations):  # type: ignore[misc]
         # Not getrusage's ru_maxrss: Linux carries it across exec(), so it
         # would report the peak of whatever process started the daemon.
         stats["maxrss_kib"] = _proc_status_kib("VmHWM")
+        # Requests the kernel sent into Python, by the operation that
+        # served them (getattr: LOOKUP and GETATTR).
+        stats["fuse"] = request_counts()
         return json.dumps(stats, sort_keys=True).encode()
 
     @_operation
@@ -458,6 +624,11 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def open(self, path: str, fi: Any) -> int:
+        if self.no_open:
+            # From now on the kernel opens files without asking, keeps their
+            # pages, and sends neither OPEN nor RELEASE (nor their O_TRUNC:
+            # see _fuse, FUSE_CAP_ATOMIC_O_TRUNC).
+            raise FuseOSError(errno.ENOSYS)
         node = self.tree.lookup(path)
         if node.kind is Kind.OBJECT:
             raise FuseOSError(errno.EISDIR)
@@ -478,6 +649,17 @@ class QOMFS(Operations):  # type: ignore[misc]
             fi.noflush = 1
         return 0
 
+    def _writer(self, path: str, offset: int) -> _Handle:
+        """Without OPEN: the value being written to ``path`` by this process."""
+        process = thread_group(caller_pid())
+        with self._handles_lock:
+            handle = self._writers.get(path)
+            if handle is None or (offset == 0 and process not in handle.writers):
+                handle = self._writers[path] = _Handle(path)
+            handle.writers.add(process)
+            handle.used = time.monotonic()
+        return handle
+
     def _handle(self, fi: Any) -> _Handle:
         with self._handles_lock:
             handle = self._handles.get(fi.fh)
@@ -487,11 +669,18 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     @_operation
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        if not getattr(fi, "fh", 0):
+            # No open file: the kernel fills its page cache.  The text whose
+            # size it was told, while it may keep that size; else anew.
+            data = self._reported(path)
+            if data is None:
+                data, _ = self._text(path, self.max_age)
+            return data[offset : offset + size]
         handle = self._handle(fi)
         if handle.data is None or offset == 0:
             # A read from the start asks QEMU (or the cache) again, so a file
             # kept open and re-read with pread(0) sees fresh values.
-            handle.data = self.tree.read_text(handle.path).encode("utf-8", "surrogateescape")
+            handle.data, _ = self._text(handle.path, None)
         return handle.data[offset : offset + size]
 
     # --- writing a value ------------------------------------------------------
@@ -517,12 +706,19 @@ class QOMFS(Operations):  # type: ignore[misc]
     #   error and nothing more is sent for it.
     # A first write that looks whole and is followed by more ((echo a; echo
     # b) > prop) is set twice: by its write(), then whole at close.
+    #
+    # Without OPEN (no_open) there is no open file: writes come with fh 0.
+    # The value being written is then kept per path, with the processes that
+    # wrote it; a FLUSH sends it only when it comes from one of them (a
+    # reader's close is no end of a value).  A truncate to 0 (O_TRUNC,
+    # ftruncate) or a write at offset 0 from another process starts anew.
 
     @_operation
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         if self.read_only:
             raise FuseOSError(errno.EROFS)
-        handle = self._handle(fi)
+        self._touch(path)
+        handle = self._handle(fi) if getattr(fi, "fh", 0) else self._writer(path, offset)
         with handle.lock:
             if handle.failed:
                 raise FuseOSError(handle.failed)
@@ -556,7 +752,10 @@ class QOMFS(Operations):  # type: ignore[misc]
         whole = first and len(data) < WRITE_BLOCK and len(data) % DD_BLOCK != 0
         if whole and (verdict is Verdict.VALID or data.endswith(b"\n")):
             handle.sent = True
-            self.tree.write(handle.path, bytes(handle.value))
+            try:
+                self.tree.write(handle.path, bytes(handle.value))
+            finally:
+                self._touch(handle.path)
         elif verdict is Verdict.INVALID:
             assert err is not None
             raise err
@@ -580,17 +779,34 @@ class QOMFS(Operations):  # type: ignore[misc]
     @_operation
     def flush(self, path: str, fi: Any) -> int:
         """close() of a descriptor: set the value written since the last one."""
+        fh = getattr(fi, "fh", 0)
+        pid = caller_pid()
         with self._handles_lock:
-            handle = self._handles.get(fi.fh)
+            handle = self._handles.get(fh) if fh else self._writers.get(path)
         if handle is None:
-            return 0
+            return 0  # a reader's close (no_open: every close comes here)
+        if not fh and (handle.sent or thread_group(pid) not in handle.writers):
+            return 0  # not the end of this value: another process closes
         with handle.lock:
-            self._send(handle, caller_pid())
+            sent = self._send(handle, pid)
+        if sent and not fh:
+            self._invalidate(path)
         return 0
 
-    def _send(self, handle: _Handle, pid: int = 0) -> None:
+    def _invalidate(self, path: str) -> None:
+        """Make the kernel forget ``path``'s pages and attributes now (a
+        value set at close, after the writes that marked them stale; a stat
+        in between may have refreshed them).  In a thread: the kernel is
+        waiting for this request's answer; joined briefly so that the
+        closing process's next read is fresh."""
+        done = threading.Thread(target=invalidate_path, args=(path,), daemon=True)
+        done.start()
+        done.join(0.5)
+
+    def _send(self, handle: _Handle, pid: int = 0) -> bool:
+        """Set the value written, unless sent already; whether it was sent."""
         if handle.failed or handle.sent:
-            return
+            return False
         handle.sent = True  # once: a refusal is not sent again at the next close
         signal = killed_by_signal(pid) if pid else 0
         if signal:
@@ -603,9 +819,13 @@ class QOMFS(Operations):  # type: ignore[misc]
             )
             # Not sent at RELEASE either; a process that shares the open
             # file and writes on sends it all at its own close.
-            return
+            return False
         with self._refusals(handle):
-            self.tree.write(handle.path, bytes(handle.value))
+            try:
+                self.tree.write(handle.path, bytes(handle.value))
+            finally:
+                self._touch(handle.path)
+        return True
 
     @_operation
     def truncate(self, path: str, length: int, fi: Any = None) -> int:
@@ -618,9 +838,14 @@ class QOMFS(Operations):  # type: ignore[misc]
             # Truncation to 0 is what "> file" does before the write; any
             # other length has no meaning for a property.
             raise FuseOSError(errno.EINVAL)
+        self._touch(path)
         fh: int | None = getattr(fi, "fh", None)  # only ftruncate() passes the open file
         with self._handles_lock:
-            handle = self._handles.get(fh) if fh is not None else None
+            if not fh:
+                # No open file (no_open): O_TRUNC or ftruncate(fd, 0) of
+                # this path; what was being written to it is gone.
+                self._writers.pop(path, None)
+            handle = self._handles.get(fh) if fh else None
         if handle is not None:
             # ftruncate(fd, 0): what this open file wrote is gone, not set.
             with handle.lock:

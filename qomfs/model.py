@@ -389,14 +389,15 @@ class QOMTree:
             return False
         return prop is not None and not prop.is_child
 
-    def get(self, path: str) -> Any:
-        """The value of the property at ``path`` (cached for ``ttl``).
+    def get(self, path: str, max_age: float | None = None) -> Any:
+        """The value of the property at ``path`` (cached for ``ttl``, or for
+        ``max_age`` seconds from when QEMU was asked, if that is less).
 
         What QEMU refused (not readable, getter failed) is cached the same
         way, so a read-ahead's answer serves the reader that follows.
         """
         obj, name = split(path)
-        value = self._values.get((obj, name), lambda: self._fetch_value(obj, name))
+        value = self._values.get((obj, name), lambda: self._fetch_value(obj, name), max_age)
         if self.readahead and not self.batch:
             self._ahead.read(path)
         if isinstance(value, _Failed):
@@ -422,9 +423,21 @@ class QOMTree:
         """Drop the read-ahead not yet sent."""
         self._ahead.close()
 
-    def read_text(self, path: str) -> str:
-        """The text a file at ``path`` shows (see :mod:`qomfs.values`)."""
-        return format_value(self.get(path))
+    def read_text(self, path: str, max_age: float | None = None) -> str:
+        """The text a file at ``path`` shows (see :mod:`qomfs.values`); see
+        :meth:`get` for ``max_age``."""
+        return format_value(self.get(path, max_age))
+
+    def known_text(self, path: str, max_age: float) -> str | None:
+        """The text of the value cached for ``path`` if QEMU was asked for it
+        at most ``max_age`` seconds ago; None otherwise, and for a value QEMU
+        refused.  Sends nothing: with ``qom-list-get`` a listing brings the
+        values of its object, so a directory's sizes are known with it.
+        """
+        hit, value = self._values.peek(split(path), max_age)
+        if not hit or isinstance(value, _Failed):
+            return None
+        return format_value(value)
 
     def readlink(self, path: str) -> str:
         """The relative symlink text of the link property at ``path``.

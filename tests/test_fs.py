@@ -78,10 +78,20 @@ class FI:
 
 
 class Env:
-    def __init__(self, fake: FakeQMP, client: QMPClient, read_only: bool = False) -> None:
+    """QOMFS over the fake monitor, called as the kernel calls it.
+
+    ``no_open``: as mounted (``open`` answers ENOSYS, and the kernel then
+    passes no open file: fh 0, ``O_TRUNC`` as a truncate); else with an
+    open file per ``open``.
+    """
+
+    def __init__(
+        self, fake: FakeQMP, client: QMPClient, read_only: bool = False, no_open: bool = True
+    ) -> None:
         self.fake = fake
+        self.no_open = no_open
         self.tree = QOMTree(client, ttl=1.0, readahead=False)
-        self.fs = QOMFS(self.tree, read_only=read_only, mountpoint="/mnt/qom")
+        self.fs = QOMFS(self.tree, read_only=read_only, mountpoint="/mnt/qom", no_open=no_open)
 
     def sets(self) -> int:
         """qom-set commands the monitor has received."""
@@ -94,6 +104,12 @@ class Env:
 
     def open(self, path: str, flags: int = os.O_WRONLY | os.O_TRUNC) -> FI:
         fi = FI(flags)
+        if self.no_open:
+            fails(errno.ENOSYS, lambda: self.fs.open(path, fi))
+            self.fs.getattr(path)  # the kernel's LOOKUP
+            if flags & os.O_TRUNC:
+                self.fs.truncate(path, 0, fi)  # no ATOMIC_O_TRUNC: a truncate first
+            return fi
         assert self.fs.open(path, fi) == 0
         return fi
 
@@ -111,13 +127,14 @@ class Env:
         try:
             self.fs.flush(path, fi)
         finally:
-            self.fs.release(path, fi)
+            if not self.no_open:
+                self.fs.release(path, fi)
 
 
-@pytest.fixture
-def e() -> Iterator[Env]:
+@pytest.fixture(params=[True, False], ids=["no_open", "open"])
+def e(request: pytest.FixtureRequest) -> Iterator[Env]:
     with FakeQMP(make_tree()) as fake, QMPClient(fake.path, timeout=3) as client:
-        yield Env(fake, client)
+        yield Env(fake, client, no_open=request.param)
 
 
 def fails(code: int, action: Callable[[], object]) -> None:
@@ -338,6 +355,8 @@ def test_truncate(e: Env) -> None:
 
 
 def test_release_without_flush_still_sets_the_value(e: Env) -> None:
+    if e.no_open:
+        pytest.skip("without OPEN the kernel sends no RELEASE")
     fi = e.write_all("/machine/append", b"e" * WRITE_BLOCK)
     e.fs.release("/machine/append", fi)
     assert e.sets() == 1 and e.value("/machine/append") == "e" * WRITE_BLOCK
@@ -371,10 +390,12 @@ def test_killed_by_signal_reads_proc() -> None:
     assert killed_by_signal(2**22 + 1) == 0  # no such process (above pid_max)
 
 
-def test_read_only_refuses_writes_before_qmp() -> None:
+@pytest.mark.parametrize("no_open", [True, False])
+def test_read_only_refuses_writes_before_qmp(no_open: bool) -> None:
     with FakeQMP(make_tree()) as fake, QMPClient(fake.path, timeout=3) as client:
-        e = Env(fake, client, read_only=True)
-        fails(errno.EROFS, lambda: e.fs.open("/machine/kernel", FI(os.O_WRONLY)))
+        e = Env(fake, client, read_only=True, no_open=no_open)
+        if not no_open:  # (without OPEN, the write below is the first to know)
+            fails(errno.EROFS, lambda: e.fs.open("/machine/kernel", FI(os.O_WRONLY)))
         fails(errno.EROFS, lambda: e.fs.write("/machine/kernel", b"x\n", 0, FI()))
         fails(errno.EROFS, lambda: e.fs.truncate("/machine/kernel", 0))
         fails(errno.EROFS, lambda: e.fs.symlink("/machine/q35/parent_bus", "../.."))
@@ -389,6 +410,8 @@ def test_read_only_refuses_writes_before_qmp() -> None:
 
 
 def test_handles(e: Env) -> None:
+    if e.no_open:
+        pytest.skip("without OPEN there are no handles (tests/test_kernel_cache.py)")
     fs = e.fs
     a, b = e.open("/machine/kernel", os.O_RDONLY), e.open("/machine/kernel", os.O_RDONLY)
     assert a.fh != b.fh and a.direct_io == 1
@@ -431,10 +454,10 @@ def test_readdir(e: Env) -> None:
     names = [n if isinstance(n, str) else n[0] for n in e.fs.readdir("/machine/q35", None)]
     assert names == [".", "..", "type", "realized", "parent_bus"]
     plus = e.fs.readdir_plus("/machine/q35", 0)
-    assert [n for n, _, _ in plus] == names
-    kinds = [stat.S_IFMT(a["st_mode"]) for _, _, a in plus[2:]]
+    assert [n for n, _, _, _ in plus] == names
+    kinds = [stat.S_IFMT(a["st_mode"]) for _, _, a, _ in plus[2:]]
     assert kinds == [stat.S_IFREG, stat.S_IFREG, stat.S_IFLNK]
-    assert [n for n, _, _ in e.fs.readdir_plus("/machine/q35", 3)] == ["realized", "parent_bus"]
+    assert [n for n, _, _, _ in e.fs.readdir_plus("/machine/q35", 3)] == ["realized", "parent_bus"]
 
 
 def test_xattrs(e: Env) -> None:
