@@ -53,6 +53,52 @@ def table(results: list[Result], runs: list[VMRun]) -> str:
     return "\n".join(lines)
 
 
+#: FUSE request kinds in the requests table, by the operation that served
+#: them; the rest are summed under "other".
+FUSE_KINDS = [
+    ("getattr", "getattr"),  # LOOKUP and GETATTR
+    ("readdir_plus", "rdplus"),
+    ("readdir", "readdir"),
+    ("opendir", "opendir"),
+    ("releasedir", "reldir"),
+    ("open", "open"),
+    ("read", "read"),
+    ("flush", "flush"),
+    ("release", "release"),
+    ("readlink", "readlink"),
+    ("getxattr", "getxattr"),
+]
+
+
+def fuse_table(results: list[Result], runs: list[VMRun]) -> str:
+    """FUSE requests by kind per workload: per file for walks (files: the
+    property files and links of the tree), per call for cat and stat."""
+    files = {(v.config, v.vm): v.links + v.plain for v in runs}
+    head = f"{'config':<14}{'vm':<5}{'workload':<14}{'per':<6}{'total':>8}{'/unit':>7}"
+    head += "".join(f"{short:>9}" for _, short in FUSE_KINDS) + f"{'other':>8}"
+    lines = [
+        "FUSE requests (counted in the daemon's adapter), per file of the tree or per call",
+        head,
+        "-" * len(head),
+    ]
+    for r in results:
+        fuse = r.extra.get("fuse")
+        if fuse is None:
+            continue
+        per_call = r.workload in (f"cat x{N_OPS}", f"stat x{N_OPS}")
+        unit = N_OPS if per_call else max(1, files.get((r.config, r.vm), 0))
+        if r.workload.startswith(f"{N_PAR}x"):
+            unit *= N_PAR
+        total = sum(fuse.values())
+        known = {name for name, _ in FUSE_KINDS}
+        other = sum(n for k, n in fuse.items() if k not in known)
+        row = f"{r.config:<14}{r.vm:<5}{r.workload:<14}{'call' if per_call else 'file':<6}"
+        row += f"{total:>8}{total / unit:>7.2f}"
+        row += "".join(f"{fuse.get(name, 0) / unit:>9.2f}" for name, _ in FUSE_KINDS)
+        lines.append(row + f"{other / unit:>8.2f}")
+    return "\n".join(lines)
+
+
 @dataclass
 class Check:
     config: str

@@ -114,8 +114,12 @@ def run_mount(
     nobj = len(tree.objects)
     batch_floors = "LG" in floors.seconds
 
+    benches: list[Bench] = []
+
     def add(workload: str, wall: float, cmds: dict[str, int], floor: str, **kw: Any) -> None:
         floor2 = kw.pop("floor2", "")
+        if benches:  # the FUSE requests of the phase just measured
+            kw.setdefault("extra", {})["fuse"] = dict(benches[0].last_fuse)
         kw.setdefault("fuse_s", floors.seconds.get(f"F:{workload}", 0.0))
         results.append(
             Result(
@@ -140,6 +144,7 @@ def run_mount(
         if run.batch != cfg.batch:
             raise RuntimeError(f"{cfg.name}: qomfs says batch={run.batch}")
         b = Bench(m, tree, workdir)
+        benches.append(b)
         mp = str(mnt)
         list_floor2 = "LG" if batch_floors else ""
         for name, argv, floor in tree_tools(mp)[:-1]:

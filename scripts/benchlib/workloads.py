@@ -55,9 +55,27 @@ class Bench:
         self.tree = tree
         self.mnt = str(mount.path)
         self.workdir = workdir
+        #: The FUSE requests of the last measured phase, by the operation that
+        #: served them (from the daemon's count; the stats reads subtracted).
+        self.last_fuse: dict[str, int] = {}
+        self._fuse_at: dict[str, int] = {}
+        one = self._fuse()
+        self._stats_cost = delta(one, self._fuse())  # what reading the counts costs
+
+    def _fuse(self) -> dict[str, int]:
+        return dict(self.m.stats().get("fuse", {}))
 
     def counts(self) -> dict[str, int]:
-        return dict(self.m.stats()["commands"])
+        st = self.m.stats()
+        fuse = dict(st.get("fuse", {}))
+        if self._fuse_at:
+            got = delta(self._fuse_at, fuse)
+            for k, n in self._stats_cost.items():
+                if k in got:
+                    got[k] -= n
+            self.last_fuse = {k: n for k, n in got.items() if n > 0}
+        self._fuse_at = fuse
+        return dict(st["commands"])
 
     def cold(self) -> None:
         time.sleep(COLD_WAIT)
