@@ -686,6 +686,26 @@ COMMANDS: dict[str, Callable[[list[str] | None, str], int]] = {
 }
 
 
+def _complete_command() -> None:
+    """``qom COMMAND ARGS<TAB>``: complete as ``qom-COMMAND ARGS<TAB>`` does (and exit).
+
+    The shell's line is rewritten (``qom get`` and ``qom-get`` have the same
+    length) and the command's own parser answers.  Returns when the cursor
+    is still on COMMAND (then ``qom``'s parser offers the commands)."""
+    line = os.environ.get("COMP_LINE", "")
+    point = int(os.environ.get("COMP_POINT", len(line)))
+    words = line[:point].split(" ")
+    words = [w for w in words[:-1] if w] + words[-1:]  # the word under the cursor stays
+    if len(words) < 3 or words[1] not in COMMANDS:
+        return
+    start = line.index(words[1], len(words[0]))
+    head = f"{words[0]}-{words[1]}"
+    new = head + line[start + len(words[1]) :]
+    os.environ["COMP_LINE"] = new
+    os.environ["COMP_POINT"] = str(point - (len(line) - len(new)))
+    COMMANDS[words[1]](None, f"qom {words[1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``qom COMMAND ...``: one entry point for get, set, list, tree and fuse."""
     parser = argparse.ArgumentParser(
@@ -697,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see below")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments")
+    if argv is None and "_ARGCOMPLETE" in os.environ:
+        _complete_command()
     autocomplete(parser)
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args.args, f"qom {args.command}")
