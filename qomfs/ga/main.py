@@ -432,6 +432,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds a command may take (default {DEFAULT_TIMEOUT:g}; fsfreeze: 60)",
     )
     parser.add_argument("--json", action="store_true", help="print the agent's reply as JSON")
+    from qomfs import __version__
+
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return parser
