@@ -398,10 +398,9 @@ class QOMFS(Operations):  # type: ignore[misc]
         self.attr_timeout = min(1.0, ATTR_SHARE * ttl) if math.isfinite(ttl) else 1.0
         #: A value reported in a getattr was fetched at most this long ago.
         self.max_age = self.attr_timeout if math.isfinite(ttl) else None
-        self.kernel_timeouts = {
-            "attr_timeout": self.attr_timeout,
-            "entry_timeout": self.attr_timeout,
-        }
+        # (Names are not capped: an entry's attributes come with it and
+        # are kept for attr_timeout only.)
+        self.kernel_timeouts = {"attr_timeout": self.attr_timeout}
 
     # --- life cycle ---------------------------------------------------------
 

@@ -73,7 +73,7 @@ def test_mtime_changes_with_the_text_and_only_then(e: Env) -> None:
 def test_getattr_asks_again_after_the_attribute_share_of_the_ttl(e: Env) -> None:
     """A size reported is of a value at most attr_timeout old, so the kernel
     keeping it attr_timeout more shows nothing older than the TTL."""
-    assert e.fs.attr_timeout == 0.5 and e.fs.kernel_timeouts["attr_timeout"] == 0.5
+    assert e.fs.attr_timeout == 0.5 and e.fs.kernel_timeouts == {"attr_timeout": 0.5}
     e.fs.getattr("/machine/kernel")
     gets = e.gets()
     e.clock.advance(0.4)

@@ -186,16 +186,22 @@ def test_walks_cost_what_their_reads_need(
     mnt: Mount, tree: dict[str, list[dict[str, str]]]
 ) -> None:
     """Read-ahead fetches what the walker reads next, and nothing more: grep -r
-    needs one qom-get per plain property, ls -lR one per link (readlink)."""
+    needs one qom-get per plain property, ls -lR one per link (readlink) and,
+    without qom-list-get (QEMU 7.2), one per plain property (its size).
+
+    A value fetched ahead more than the attribute share of the TTL before
+    the walker stats it is fetched again (the size must be that young): a
+    few percent on a loaded machine, hence the slack."""
     plain = sum(not p["type"].startswith(("child<", "link<")) for ps in tree.values() for p in ps)
     links = sum(p["type"].startswith("link<") for ps in tree.values() for p in ps)
     objects = len(tree)
+    slack = 3 + plain // 20
     grep = spent_on(mnt, "grep", "-r", ".", str(mnt.path))
-    assert objects <= grep["qom-list"] <= objects + 3, grep
-    assert plain <= grep["qom-get"] <= plain + 3, grep
+    assert objects <= grep["qom-list"] <= objects + 3 + objects // 20, grep
+    assert plain <= grep["qom-get"] <= plain + slack, grep
     ls = spent_on(mnt, "ls", "-lR", str(mnt.path))
-    assert objects <= ls["qom-list"] <= objects + 3, ls
-    assert links <= ls["qom-get"] <= links + 3, ls
+    assert objects <= ls["qom-list"] <= objects + 3 + objects // 20, ls
+    assert links + plain <= ls["qom-get"] <= links + plain + slack, ls
     find = spent_on(mnt, "find", str(mnt.path), "-type", "f")
     assert objects <= find["qom-list"] <= objects + 3 and "qom-get" not in find, find
 
