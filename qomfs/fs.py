@@ -92,8 +92,9 @@ LN_TEMPORARY = re.compile(r"Cu[A-Za-z0-9]{6}")
 ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
 
 #: ``st_size`` of a property file whose value cannot be read (no getter, a
-#: getter that fails): not 0, so that a read is asked for and gets the error.
-#: Any other property file's ``st_size`` is the length of its text.
+#: getter that fails), and of every file with ``--ttl 0``: not 0, so that a
+#: read is asked for.  Any other property file's ``st_size`` is the length
+#: of its text.
 FILE_SIZE = 4096
 #: What the kernel may keep of a file's attributes, as a share of the TTL;
 #: a size or time reported was at most the rest of the TTL old.
@@ -352,15 +353,16 @@ class QOMFS(Operations):  # type: ignore[misc]
     ``read_only`` refuses every write with EROFS before any QMP command.
     ``on_ready`` runs once the kernel has sent INIT (the mount is usable).
 
-    ``no_open`` (the default with libfuse3): ``open`` answers ENOSYS, after which the
-    kernel sends no OPEN or RELEASE for files and keeps their pages cached
-    until a getattr shows a new ``st_mtime`` or ``st_size``.  A file's size
-    is the length of its text; its ``st_mtime`` changes whenever a value
-    fetched again has a different text, or was written through the mount.
-    Writes then come with no open file: a value being written is kept per
-    path and per writing process (see :meth:`write`).  ``no_open=False``
-    (libfuse2, whose kernel cache cannot be told of a changed ``st_mtime``)
-    opens files with direct I/O and a handle per open file.
+    ``no_open`` (the default with libfuse3 and a TTL above 0): ``open``
+    answers ENOSYS, after which the kernel sends no OPEN or RELEASE for
+    files and keeps their pages cached until a getattr shows a new
+    ``st_mtime`` or ``st_size``.  A file's size is the length of its text;
+    its ``st_mtime`` changes whenever a value fetched again has a different
+    text, or was written through the mount.  Writes then come with no open
+    file: a value being written is kept per path and per writing process
+    (see :meth:`write`).  ``no_open=False`` (libfuse2, whose kernel cache
+    cannot be told of a changed ``st_mtime``; ``--ttl 0``) opens files with
+    direct I/O and a handle per open file.
     """
 
     use_ns = True  # times in integer nanoseconds (mfusepy, fusepy >= 3)
@@ -374,7 +376,6 @@ class QOMFS(Operations):  # type: ignore[misc]
         mountpoint: str = "",
         no_open: bool | None = None,
     ) -> None:
-        self.no_open = KERNEL_CACHE if no_open is None else no_open
         self.mountpoint = mountpoint
         self.tree = tree
         self.read_only = read_only
@@ -392,6 +393,12 @@ class QOMFS(Operations):  # type: ignore[misc]
         self._swept = time.monotonic()
         ttl = getattr(tree, "ttl", 1.0)
         ttl = ttl if isinstance(ttl, (int, float)) and ttl >= 0 else 1.0
+        #: Sizes are known from values; with a TTL of 0 (every read asks
+        #: QEMU) a stat would cost a command of its own: then none is known.
+        self.sizes = ttl > 0
+        if no_open is None:
+            no_open = KERNEL_CACHE and self.sizes
+        self.no_open = no_open
         #: How long the kernel may keep attributes and entries: a share of
         #: the TTL, so that a size it keeps plus the age of the value it
         #: measured stays within the TTL.  (At most 1 s, as before.)
@@ -441,13 +448,13 @@ class QOMFS(Operations):  # type: ignore[misc]
 
     def _attrs(self, node: Node) -> dict[str, Any]:
         attrs = dict(self._bases[node.kind], st_ino=inode(node.path))
-        if node.kind is Kind.PROPERTY:
+        if node.kind is Kind.PROPERTY and self.sizes:
             try:
                 data, mtime = self._text(node.path, self.max_age)
-            except (NotFound, NotADirectory):
-                raise
-            except QomfsError as err:
-                # Not readable, or its getter failed: a read says why.
+            except (NotReadable, ReadFailed) as err:
+                # QEMU refused the value (no getter, a getter that fails):
+                # a read says why.  A timeout or a lost connection is the
+                # stat's own error.
                 log.debug("%s: no size: %s", node.path, err)
                 return attrs
             attrs.update(

@@ -299,3 +299,16 @@ def test_mmap_reads_the_value(mnt: Mount) -> None:
     path = mnt.path / "machine" / "type"
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert m[:] == path.read_bytes()
+
+
+def test_ttl_zero_opens_files_with_direct_io_and_no_sizes() -> None:
+    """--ttl 0: every read asks QEMU, so a stat does not (placeholder size)."""
+    with FakeQMP(make_tree()) as fake, QMPClient(fake.path, timeout=3) as client:
+        fs = QOMFS(QOMTree(client, ttl=0, readahead=False))
+        assert not fs.no_open
+        assert fs.getattr("/machine/kernel")["st_size"] == FILE_SIZE
+        assert fake.command_counts().get("qom-get", 0) == 0
+        fi = FI(os.O_RDONLY)
+        fs.open("/machine/kernel", fi)
+        assert fi.direct_io == 1
+        assert fs.read("/machine/kernel", 4096, 0, fi) == b"vmlinuz\n"
