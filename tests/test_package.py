@@ -101,3 +101,35 @@ def test_every_console_script_answers_help_and_version(venv: Path, prog: str) ->
     version = run(venv, str(exe), "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == f"{prog} {__version__}", version.stdout
+
+
+def test_the_installed_package_is_typed(venv: Path, tmp_path: Path) -> None:
+    """mypy --strict, pointed at the fresh venv, takes qomfs' own hints (py.typed):
+    README's example passes, and a wrong use of a result is caught."""
+    from tests.test_api import EXAMPLE
+
+    (tmp_path / "example.py").write_text(EXAMPLE)
+    (tmp_path / "wrong.py").write_text(
+        'import qomfs\n\n\ndef f(vm: qomfs.VM) -> int:\n    return vm.list("/")\n'
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--python-executable",
+            str(venv / "bin" / "python"),
+            "example.py",
+            "wrong.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    errors = [line for line in r.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("wrong.py:5:"), r.stdout
+    assert 'got "list[Property]", expected "int"' in errors[0]
