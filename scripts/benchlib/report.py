@@ -86,16 +86,21 @@ def fuse_table(results: list[Result], runs: list[VMRun]) -> str:
         if fuse is None:
             continue
         per_call = r.workload in (f"cat x{N_OPS}", f"stat x{N_OPS}")
-        unit = N_OPS if per_call else max(1, files.get((r.config, r.vm), 0))
-        if r.workload.startswith(f"{N_PAR}x"):
+        unit = N_OPS if per_call else files.get((r.config, r.vm), 0)
+        if not unit:  # the VM's run failed before its counts: totals only
+            unit = 1
+            per_call = False
+        elif r.workload.startswith(f"{N_PAR}x"):
             unit *= N_PAR
         total = sum(fuse.values())
         known = {name for name, _ in FUSE_KINDS}
         other = sum(n for k, n in fuse.items() if k not in known)
-        row = f"{r.config:<14}{r.vm:<5}{r.workload:<14}{'call' if per_call else 'file':<6}"
-        row += f"{total:>8}{total / unit:>7.2f}"
+        per = "call" if per_call else "file" if unit > 1 else "run"
+        row = f"{r.config:<14}{r.vm:<5}{r.workload:<14}{per:<6}"
+        row += f"{total:>8} {total / unit:>6.2f}"
         row += "".join(f"{fuse.get(name, 0) / unit:>9.2f}" for name, _ in FUSE_KINDS)
         lines.append(row + f"{other / unit:>8.2f}")
+    lines.append("(per run: the VM's figures are missing, so the counts are totals)")
     return "\n".join(lines)
 
 
