@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT, missing
+from tests.packaging import dists
 
 PARSERS = runpy.run_path(str(ROOT / "docs" / "man" / "parsers.py"))
 #: roff requests the pages may use (a line that starts with '.' is a request).
@@ -56,20 +57,10 @@ def test_the_page_parser_is_the_one_the_command_parses_with() -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel ``pip wheel .`` builds (in an isolated build environment)."""
-    out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if r.returncode != 0 and "Could not find a version" in r.stderr:
-        missing(f"pip cannot fetch the build requirements: {r.stderr.strip()[-300:]}")
-    assert r.returncode == 0, r.stderr
-    (found,) = out.glob("qomfs-*.whl")
-    return found
+def wheel() -> Path:
+    """The wheel ``python -m build`` makes (built once per session, shared with
+    tests/test_package.py)."""
+    return dists().wheel
 
 
 def man_pages(wheel: Path) -> dict[str, str]:
