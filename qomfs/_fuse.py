@@ -133,7 +133,10 @@ class _FUSE(_BaseFUSE):  # type: ignore[misc]
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         if conn and getattr(self.operations, "readdir_plus", None) is not None:
             conn.contents.want &= ~FUSE_CAP_READDIRPLUS_AUTO
-        if conn and getattr(self.operations, "no_open", False):
+        if conn and getattr(self.operations, "kernel_cache", False):
+            # O_TRUNC as a truncate whose answer has the value's size: an
+            # atomic O_TRUNC makes the kernel set the size to 0 at open,
+            # and a reader at that moment would read nothing.
             conn.contents.want &= ~FUSE_CAP_ATOMIC_O_TRUNC
             if conn.contents.capable & FUSE_CAP_AUTO_INVAL_DATA:
                 conn.contents.want |= FUSE_CAP_AUTO_INVAL_DATA

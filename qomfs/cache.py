@@ -46,6 +46,7 @@ class _Flight(Generic[V]):
     """One fetch under way; ``generation``: the cache's when it began."""
 
     generation: int
+    started: float = 0.0  # the clock when it began
     done: threading.Event = field(default_factory=threading.Event)
     value: V | None = None
     error: BaseException | None = None
@@ -182,28 +183,36 @@ class TTLCache(Generic[K, V]):
             self._sweep_if_due(now)
 
     def get(self, key: K, fetch: Callable[[], V], max_age: float | None = None) -> V:
+        """:meth:`get_timed` without the time."""
+        return self.get_timed(key, fetch, max_age)[0]
+
+    def get_timed(
+        self, key: K, fetch: Callable[[], V], max_age: float | None = None
+    ) -> tuple[V, float]:
         """The cached value for ``key``, or ``fetch()`` (run once for all waiters).
 
         ``max_age``: a cached value whose fetch began longer ago than that is
         fetched again, even within the TTL (a fetch under way is joined).
+        Returns the value and when its fetch began (``clock``).
 
         Exceptions from ``fetch`` propagate to every waiting caller and are
         not cached.  A caller that joins another thread's fetch raises
         :class:`WaitTimeout` if no answer comes within ``wait_timeout``.
         """
         if self.ttl <= 0:
-            return fetch()
+            now = self.clock()
+            return fetch(), now
         with self._lock:
             now = self.clock()
             self._sweep_if_due(now)
             hit = self._data.get(key)
             limit = self.ttl if max_age is None else min(self.ttl, max_age)
             if hit is not None and now < hit[0] + limit:
-                return hit[1]
+                return hit[1], hit[0]
             flight = self._flights.get(key)
             joined = flight is not None
             if flight is None:
-                flight = self._flights[key] = _Flight(self._generation)
+                flight = self._flights[key] = _Flight(self._generation, now)
         if joined:
             return self._join(key, flight, fetch)
         try:
@@ -214,9 +223,9 @@ class TTLCache(Generic[K, V]):
             raise
         flight.value = value
         self._land(key, flight, (now, value))
-        return value
+        return value, now
 
-    def _join(self, key: K, flight: _Flight[V], fetch: Callable[[], V]) -> V:
+    def _join(self, key: K, flight: _Flight[V], fetch: Callable[[], V]) -> tuple[V, float]:
         """Wait for another thread's ``flight`` of ``key``."""
         if not flight.done.wait(self.wait_timeout):
             with self._lock:
@@ -227,10 +236,11 @@ class TTLCache(Generic[K, V]):
         if flight.error is not None:
             raise flight.error
         if flight.value is not None:
-            return flight.value
+            return flight.value, flight.started
         # No value came (None is a legal value, or a batch fetch brought
         # nothing for this key): fetch ourselves.
-        return fetch()
+        now = self.clock()
+        return fetch(), now
 
     def _land(self, key: K, flight: _Flight[V], got: tuple[float, V] | None = None) -> None:
         """End ``flight`` of ``key``: store ``got`` unless ``key`` was
@@ -260,7 +270,7 @@ class TTLCache(Generic[K, V]):
                 hit = self._data.get(key)
                 if (hit is not None and now < hit[0] + self.ttl) or key in self._flights:
                     continue
-                flight: _Flight[V] = _Flight(generation)
+                flight: _Flight[V] = _Flight(generation, now)
                 self._flights[key] = self._claims[key, generation] = flight
                 claimed.append(key)
             return claimed, generation

@@ -220,6 +220,7 @@ class _Handle:
     failed: int = 0  # the errno of a refusal already reported: nothing more is sent
     qom_type: str | None = None  # the property's type, looked up at the first write
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cached: bool = False  # read through the kernel's page cache (an open for reading)
     writers: set[int] = field(default_factory=set)  # without OPEN: the writers' processes
     used: float = 0.0  # without OPEN: when it was last written (monotonic)
 
@@ -233,6 +234,8 @@ class _Seen:
     mtime: int  # nanoseconds; a new one whenever the text changes
     reported: float  # monotonic; the kernel may keep the size until then + attr timeout
     dirty: bool = False  # written through the mount: next time, a new mtime
+    fetched: float = float("-inf")  # when QEMU was asked for ``text`` (the tree's clock)
+    written: float = float("-inf")  # when a write of it began (the tree's clock)
 
 
 def thread_group(pid: int) -> int:
@@ -396,9 +399,12 @@ class QOMFS(Operations):  # type: ignore[misc]
         #: Sizes are known from values; with a TTL of 0 (every read asks
         #: QEMU) a stat would cost a command of its own: then none is known.
         self.sizes = ttl > 0
-        if no_open is None:
-            no_open = KERNEL_CACHE and self.sizes
-        self.no_open = no_open
+        #: Readers go through the kernel's page cache (libfuse3, sizes known).
+        self.kernel_cache = KERNEL_CACHE and self.sizes
+        # Not by default: with no_open a writer's bytes go through the page
+        # cache, and a reader at that moment sees them, cut at the old size
+        # (scripts/soak: "soak-10" for "soak-9\n", "s").  Kept for measures.
+        self.no_open = bool(no_open)
         #: How long the kernel may keep attributes and entries: a share of
         #: the TTL, so that a size it keeps plus the age of the value it
         #: measured stays within the TTL.  (At most 1 s, as before.)
@@ -468,31 +474,52 @@ class QOMFS(Operations):  # type: ignore[misc]
     def _text(self, path: str, max_age: float | None) -> tuple[bytes, int]:
         """The text of the property at ``path`` (fetched at most ``max_age``
         seconds ago) and its ``st_mtime``, noted as reported to the kernel."""
-        read_text: Callable[..., str] = self.tree.read_text
-        text = read_text(path, max_age) if max_age is not None and self._fresh_reads else None
-        if text is None:
-            text = read_text(path)
-        return self._note(path, text)
+        timed = getattr(self.tree, "read_text_timed", None)
+        if timed is None:  # a tree without fetch times (a forest): in order of answers
+            return self._note(path, self.tree.read_text(path), None)
+        text, fetched = timed(path, max_age)
+        return self._note(path, text, fetched)
 
-    @functools.cached_property
-    def _fresh_reads(self) -> bool:
-        """Whether the tree's ``read_text`` takes a ``max_age`` (QOMTree does)."""
-        known = getattr(self.tree, "known_text", None)
-        return callable(known)
+    def _now(self) -> float:
+        """The tree's clock, that of its fetch times."""
+        clock: Callable[[], float] = getattr(self.tree, "clock", time.monotonic)
+        return clock()
 
-    def _note(self, path: str, text: str) -> tuple[bytes, int]:
-        """Note ``text`` as what the kernel is told of ``path``; its mtime."""
+    def _note(self, path: str, text: str, fetched: float | None) -> tuple[bytes, int]:
+        """Note ``text``, fetched at ``fetched`` (the tree's clock), as what the
+        kernel is told of ``path``; its bytes and mtime.
+
+        Answers can come back out of order: one fetched before what was
+        noted already (or before a write began) is not news, and the text
+        noted stays.  So what the kernel is told never goes back in time.
+        """
         now = time.monotonic()
         with self._handles_lock:
             seen = self._seen.get(path)
+            if (
+                seen is not None
+                and fetched is not None
+                and seen.mtime  # (0: only a write's mark, nothing reported yet)
+                and (fetched < seen.fetched or fetched < seen.written)
+            ):
+                return seen.data, seen.mtime
             if seen is not None and seen.text == text and not seen.dirty:
                 seen.reported = now
+                if fetched is not None:
+                    seen.fetched = fetched
                 return seen.data, seen.mtime
             mtime = time.time_ns()
             if seen is not None and mtime <= seen.mtime:
                 mtime = seen.mtime + 1  # changed: the time must change too
             data = text.encode("utf-8", "surrogateescape")
-            self._seen[path] = _Seen(text, data, mtime, now)
+            self._seen[path] = _Seen(
+                text,
+                data,
+                mtime,
+                now,
+                fetched=fetched if fetched is not None else float("-inf"),
+                written=seen.written if seen is not None else float("-inf"),
+            )
             if now - self._swept > SEEN_RETAIN / 4:
                 self._sweep(now)
         return data, mtime
@@ -509,22 +536,26 @@ class QOMFS(Operations):  # type: ignore[misc]
         }
 
     def _reported(self, path: str) -> bytes | None:
-        """The text the kernel was told the size of, while it may keep it."""
+        """The text the kernel was told the size of, while it may keep it
+        (a read in the middle of a write included: what it reads agrees
+        with the size it holds)."""
         with self._handles_lock:
             seen = self._seen.get(path)
-            if seen is None or seen.dirty:
-                return None
-            if time.monotonic() - seen.reported > self.attr_timeout:
+            if seen is None or time.monotonic() - seen.reported > self.attr_timeout:
                 return None
             return seen.data
 
-    def _touch(self, path: str) -> None:
-        """``path`` is being written: its next report gets a new ``st_mtime``
-        (the kernel then drops pages holding what was written)."""
+    def _touch(self, path: str, starts: bool = True) -> None:
+        """``path`` is written: its next report gets a new ``st_mtime`` (the
+        kernel then drops what it kept).  ``starts``: a write begins, and
+        a value fetched before now is no news after it."""
         with self._handles_lock:
             seen = self._seen.get(path)
-            if seen is not None:
-                seen.dirty = True
+            if seen is None:  # nothing reported yet: a mark of the write alone
+                seen = self._seen[path] = _Seen("", b"", 0, float("-inf"))
+            seen.dirty = True
+            if starts:
+                seen.written = self._now()
 
     @_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
@@ -558,16 +589,20 @@ class QOMFS(Operations):  # type: ignore[misc]
         entries: list[tuple[str, int, dict[str, Any], Any]] = [
             (dot, inode(path), here, SHARED) for dot in (".", "..")
         ][offset:]
-        known: Callable[[str, float], str | None] | None = getattr(self.tree, "known_text", None)
+        known: Callable[[str, float], tuple[str, float] | None] | None = getattr(
+            self.tree, "known_text_timed", None
+        )
         max_age = self.max_age if self.max_age is not None else float("inf")
         for prop in props[max(0, offset - 2) :]:
             child = join(path, prop.name)
             extra: Any = SHARED
             if sizes and prop.kind is Kind.PROPERTY:
-                text = known(child, max_age) if known is not None else None
-                extra = None if text is None else self._note(child, text)
-                if extra is not None:
-                    extra = (len(extra[0]), extra[1])
+                got = known(child, max_age) if known is not None else None
+                if got is None:
+                    extra = None
+                else:
+                    data, mtime = self._note(child, *got)
+                    extra = (len(data), mtime)
             entries.append((prop.name, inode(child), self._bases[prop.kind], extra))
         return entries
 
@@ -644,12 +679,23 @@ class QOMFS(Operations):  # type: ignore[misc]
             # A value is replaced whole; appending to it has no meaning.
             raise InvalidValue(f"{path}: appending is not supported; write the whole value")
         fh = next(self._next_fh)
+        reader = fi.flags & os.O_ACCMODE == os.O_RDONLY
+        cached = reader and self.kernel_cache
         with self._handles_lock:
-            self._handles[fh] = _Handle(path)
+            self._handles[fh] = _Handle(path, cached=cached)
         fi.fh = fh
-        # The kernel must pass every read to us: st_size is not the length.
-        fi.direct_io = 1
-        if fi.flags & os.O_ACCMODE == os.O_RDONLY and hasattr(fi, "noflush"):
+        if cached:
+            # A reader reads through the kernel's page cache, kept from one
+            # open to the next: the kernel drops it when a getattr shows a
+            # new st_mtime or st_size (auto_inval_data).
+            fi.direct_io = 0
+            fi.keep_cache = 1
+        else:
+            # A writer's bytes never enter the page cache, where readers
+            # would see a value being written; and without sizes (libfuse2
+            # aside: --ttl 0), every read comes to us.
+            fi.direct_io = 1
+        if reader and hasattr(fi, "noflush"):
             # A reader has nothing to flush: spare its close a FLUSH round
             # trip (libfuse >= 3.11; a kernel without FOPEN_NOFLUSH ignores it).
             fi.noflush = 1
@@ -683,6 +729,12 @@ class QOMFS(Operations):  # type: ignore[misc]
                 data, _ = self._text(path, self.max_age)
             return data[offset : offset + size]
         handle = self._handle(fi)
+        if handle.cached:
+            # The kernel's page cache: the text whose size it holds.
+            data = self._reported(path)
+            if data is None:
+                data, _ = self._text(path, self.max_age)
+            return data[offset : offset + size]
         if handle.data is None or offset == 0:
             # A read from the start asks QEMU (or the cache) again, so a file
             # kept open and re-read with pread(0) sees fresh values.
@@ -761,7 +813,7 @@ class QOMFS(Operations):  # type: ignore[misc]
             try:
                 self.tree.write(handle.path, bytes(handle.value))
             finally:
-                self._touch(handle.path)
+                self._touch(handle.path, starts=False)
         elif verdict is Verdict.INVALID:
             assert err is not None
             raise err
@@ -795,7 +847,7 @@ class QOMFS(Operations):  # type: ignore[misc]
             return 0  # not the end of this value: another process closes
         with handle.lock:
             sent = self._send(handle, pid)
-        if sent and not fh:
+        if sent:
             self._invalidate(path)
         return 0
 
@@ -830,7 +882,7 @@ class QOMFS(Operations):  # type: ignore[misc]
             try:
                 self.tree.write(handle.path, bytes(handle.value))
             finally:
-                self._touch(handle.path)
+                self._touch(handle.path, starts=False)
         return True
 
     @_operation

@@ -163,6 +163,8 @@ class QOMTree:
             float("inf"), clock, wait_timeout=wait
         )
         self._clock = clock
+        #: The clock of the fetch times the model reports (``read_text_timed``).
+        self.clock = clock
         self._ahead = ReadAhead(
             self,
             client,
@@ -423,6 +425,19 @@ class QOMTree:
         """Drop the read-ahead not yet sent."""
         self._ahead.close()
 
+    def read_text_timed(self, path: str, max_age: float | None = None) -> tuple[str, float]:
+        """:meth:`read_text`, and when QEMU was asked for that value (the
+        model's clock): a later fetch of the same property is not older."""
+        obj, name = split(path)
+        value, started = self._values.get_timed(
+            (obj, name), lambda: self._fetch_value(obj, name), max_age
+        )
+        if self.readahead and not self.batch:
+            self._ahead.read(path)
+        if isinstance(value, _Failed):
+            raise value.error()
+        return format_value(value), started
+
     def read_text(self, path: str, max_age: float | None = None) -> str:
         """The text a file at ``path`` shows (see :mod:`qomfs.values`); see
         :meth:`get` for ``max_age``."""
@@ -434,10 +449,17 @@ class QOMTree:
         refused.  Sends nothing: with ``qom-list-get`` a listing brings the
         values of its object, so a directory's sizes are known with it.
         """
-        hit, value = self._values.peek(split(path), max_age)
-        if not hit or isinstance(value, _Failed):
+        got = self.known_text_timed(path, max_age)
+        return None if got is None else got[0]
+
+    def known_text_timed(self, path: str, max_age: float) -> tuple[str, float] | None:
+        """:meth:`known_text` and when its value was fetched (the model's clock)."""
+        key = split(path)
+        hit, value = self._values.peek(key, max_age)
+        started = self._values.fetched_at(key)
+        if not hit or isinstance(value, _Failed) or started is None:
             return None
-        return format_value(value)
+        return format_value(value), started
 
     def readlink(self, path: str) -> str:
         """The relative symlink text of the link property at ``path``.
