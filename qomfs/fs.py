@@ -356,16 +356,18 @@ class QOMFS(Operations):  # type: ignore[misc]
     ``read_only`` refuses every write with EROFS before any QMP command.
     ``on_ready`` runs once the kernel has sent INIT (the mount is usable).
 
-    ``no_open`` (the default with libfuse3 and a TTL above 0): ``open``
-    answers ENOSYS, after which the kernel sends no OPEN or RELEASE for
-    files and keeps their pages cached until a getattr shows a new
-    ``st_mtime`` or ``st_size``.  A file's size is the length of its text;
-    its ``st_mtime`` changes whenever a value fetched again has a different
-    text, or was written through the mount.  Writes then come with no open
-    file: a value being written is kept per path and per writing process
-    (see :meth:`write`).  ``no_open=False`` (libfuse2, whose kernel cache
-    cannot be told of a changed ``st_mtime``; ``--ttl 0``) opens files with
-    direct I/O and a handle per open file.
+    A file's size is the length of its text (with ``--ttl`` above 0); its
+    ``st_mtime`` changes whenever a value fetched again has a different
+    text, or was written through the mount.  Files are opened with direct
+    I/O and a handle per open file: one value per open file, as read.
+
+    Measured alternatives, off by default (see notes): ``kernel_cache``
+    (libfuse3): a read-only open reads through the kernel's page cache,
+    kept between opens until a getattr shows a new ``st_mtime`` or
+    ``st_size``; writers keep direct I/O.  ``no_open``: ``open`` answers
+    ENOSYS, the kernel sends no OPEN or RELEASE, and a value being written
+    is kept per path and per writing process (see :meth:`write`); a
+    writer's bytes then pass through the page cache, where readers see them.
     """
 
     use_ns = True  # times in integer nanoseconds (mfusepy, fusepy >= 3)
@@ -378,6 +380,7 @@ class QOMFS(Operations):  # type: ignore[misc]
         on_ready: Callable[[], None] | None = None,
         mountpoint: str = "",
         no_open: bool | None = None,
+        kernel_cache: bool = False,
     ) -> None:
         self.mountpoint = mountpoint
         self.tree = tree
@@ -400,7 +403,11 @@ class QOMFS(Operations):  # type: ignore[misc]
         #: QEMU) a stat would cost a command of its own: then none is known.
         self.sizes = ttl > 0
         #: Readers go through the kernel's page cache (libfuse3, sizes known).
-        self.kernel_cache = KERNEL_CACHE and self.sizes
+        #: Off by default: a reader whose read() calls span a change of a
+        #: growing value gets the old head and the new tail (the kernel's
+        #: file size is shared by all; scripts/soak saw "\noak-1\n" once in
+        #: 333,000 reads), where direct I/O keeps one value per open file.
+        self.kernel_cache = kernel_cache and KERNEL_CACHE and self.sizes
         # Not by default: with no_open a writer's bytes go through the page
         # cache, and a reader at that moment sees them, cut at the old size
         # (scripts/soak: "soak-10" for "soak-9\n", "s").  Kept for measures.
