@@ -782,9 +782,11 @@ def test_listen_mode_accepts_qemu(sockdir: str) -> None:
             assert get(client, "label") == LABEL
             assert fake.connections == 1 and hooks == []
             fake.drop()
-            wait_until(lambda: fake.connections == 2 and state(client) is State.READY)
+            # The hook runs on the acceptor thread once the new connection is
+            # the client's; READY alone may still be the old connection's.
+            wait_until(lambda: fake.connections == 2 and hooks == [1])
+            assert state(client) is State.READY
             assert get(client, "dump-guest-core") is True
-            wait_until(lambda: hooks == [1])  # the hook runs on the acceptor thread
             assert fake.command_counts()["qmp_capabilities"] == 2
         assert not os.path.exists(path)  # the client removes its socket
 
