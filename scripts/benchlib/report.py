@@ -81,6 +81,7 @@ def fuse_table(results: list[Result], runs: list[VMRun]) -> str:
         head,
         "-" * len(head),
     ]
+    totals = False
     for r in results:
         fuse = r.extra.get("fuse")
         if fuse is None:
@@ -90,6 +91,7 @@ def fuse_table(results: list[Result], runs: list[VMRun]) -> str:
         if not unit:  # the VM's run failed before its counts: totals only
             unit = 1
             per_call = False
+            totals = True
         elif r.workload.startswith(f"{N_PAR}x"):
             unit *= N_PAR
         total = sum(fuse.values())
@@ -100,7 +102,8 @@ def fuse_table(results: list[Result], runs: list[VMRun]) -> str:
         row += f"{total:>8} {total / unit:>6.2f}"
         row += "".join(f"{fuse.get(name, 0) / unit:>9.2f}" for name, _ in FUSE_KINDS)
         lines.append(row + f"{other / unit:>8.2f}")
-    lines.append("(per run: the VM's figures are missing, so the counts are totals)")
+    if totals:
+        lines.append("(per run: the VM's figures are missing, so the counts are totals)")
     return "\n".join(lines)
 
 
