@@ -416,8 +416,13 @@ class QOMFS(Operations):  # type: ignore[misc]
         #: the TTL, so that a size it keeps plus the age of the value it
         #: measured stays within the TTL.  (At most 1 s, as before.)
         self.attr_timeout = min(1.0, ATTR_SHARE * ttl) if math.isfinite(ttl) else 1.0
-        #: A value reported in a getattr was fetched at most this long ago.
-        self.max_age = self.attr_timeout if math.isfinite(ttl) else None
+        #: A value reported in a getattr was fetched at most this long ago,
+        #: when the kernel's page cache holds values (its content then
+        #: follows the sizes).  With direct I/O a read fetches the value
+        #: itself: a size is then up to the TTL old, as any value, and a
+        #: walker's values fetched ahead are not fetched again for it.
+        paged = self.kernel_cache or self.no_open
+        self.max_age = self.attr_timeout if math.isfinite(ttl) and paged else None
         # (Names are not capped: an entry's attributes come with it and
         # are kept for attr_timeout only.)
         self.kernel_timeouts = {"attr_timeout": self.attr_timeout}

@@ -189,8 +189,8 @@ def test_walks_cost_what_their_reads_need(
     needs one qom-get per plain property, ls -lR one per link (readlink) and,
     without qom-list-get (QEMU 7.2), one per plain property (its size).
 
-    A value fetched ahead more than the attribute share of the TTL before
-    the walker stats it is fetched again (the size must be that young): a
+    With the kernel's page cache (not the default) a value fetched ahead
+    more than half the TTL before the walker stats it is fetched again: a
     few percent on a loaded machine (6% seen under a load of 10), hence the
     slack."""
     plain = sum(not p["type"].startswith(("child<", "link<")) for ps in tree.values() for p in ps)
