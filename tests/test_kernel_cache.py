@@ -190,10 +190,14 @@ def test_repeated_cats_cost_open_read_release(mnt: Mount) -> None:
     # Direct I/O (the default): OPEN, READ until a read returns nothing (two
     # for Python's read()), RELEASE; no FLUSH (a reader's open says
     # noflush); Python's fstat asks GETATTR (a read marks the atime stale).
+    # libfuse2 has no noflush (a FLUSH per close), and answers Python's
+    # isatty() with an IOCTL request.
+    extra = set() if KERNEL_CACHE else {"flush", "ioctl"}
     assert spent.get("open", 0) == 100 and spent.get("release", 0) == 100, spent
-    assert spent.get("read", 0) <= 200 and "flush" not in spent, spent
+    assert spent.get("read", 0) <= 200, spent
     assert spent.get("getattr", 0) <= 110, spent
-    assert not set(spent) - {"open", "read", "release", "getattr"}, spent
+    assert not set(spent) - {"open", "read", "release", "getattr"} - extra, spent
+    assert all(spent.get(k, 0) <= 100 for k in extra), spent
 
 
 def _poll(path: Path, want: bytes, limit: float) -> float:
