@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from qomfs import __version__
+from qomfs import __version__, memory
 from qomfs.argtypes import seconds, seconds_arg
 from qomfs.errors import QomfsError
 from qomfs.qmp import QMPClient
@@ -271,6 +271,7 @@ def _serve(
             log.info(
                 "QEMU %s, qom-list-get %s", client.version, "used" if single.batch else "unused"
             )
+    trimmer = memory.keep_rss_down()  # (RSS that creeps with the cache's churn)
     try:
         ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready, mountpoint=mountpoint)
         kwargs: dict[str, object] = {
@@ -293,6 +294,8 @@ def _serve(
             return _fail(f"mounting {mountpoint} failed (libfuse status {err})")
     finally:
         close()
+        if trimmer is not None:
+            trimmer.stop()
     return 0
 
 
