@@ -193,7 +193,8 @@ def test_repeated_cats_cost_open_read_release(mnt: Mount) -> None:
     # libfuse2 has no noflush (a FLUSH per close), and answers Python's
     # isatty() with an IOCTL request.
     extra = set() if KERNEL_CACHE else {"flush", "ioctl"}
-    assert spent.get("open", 0) == 100 and spent.get("release", 0) == 100, spent
+    # (RELEASE goes after close() returns: the last ones may still be on the way.)
+    assert spent.get("open", 0) == 100 and 90 <= spent.get("release", 0) <= 100, spent
     assert spent.get("read", 0) <= 200, spent
     assert spent.get("getattr", 0) <= 110, spent
     assert not set(spent) - {"open", "read", "release", "getattr"} - extra, spent
