@@ -46,6 +46,7 @@ OWN_OPTIONS = {
     "connect_timeout": "connect_timeout",
     "no_batch": "no_batch",
     "no_readahead": "no_readahead",
+    "no_sizes": "no_sizes",
     "allow_unrealize": "allow_unrealize",
     "listen": "listen",
     "listen_group": "listen_group",
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPT[,OPT...]",
         help="mount options: ro, allow_other, noauto_unmount, ..., and ours: ttl=S, "
-        "timeout=S, no_batch, no_readahead, allow_unrealize",
+        "timeout=S, no_batch, no_readahead, no_sizes, allow_unrealize",
     )
     p.add_argument(
         "--ttl",
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not fetch values or listings ahead of a reader that walks the tree "
         "(grep -r, ls -R); with qom-list-get a listed directory still brings its children",
+    )
+    p.add_argument(
+        "--no-sizes",
+        action="store_true",
+        help="show every file as 4096 bytes (as sysfs does) instead of its text's length: "
+        "before QEMU 10.1 an exact size costs a qom-get per file stat'ed (ls -l)",
     )
     p.add_argument(
         "--allow-unrealize",
@@ -273,7 +280,13 @@ def _serve(
             )
     trimmer = memory.keep_rss_down()  # (RSS that creeps with the cache's churn)
     try:
-        ops = QOMFS(tree, read_only=bool(options.get("ro")), on_ready=ready, mountpoint=mountpoint)
+        ops = QOMFS(
+            tree,
+            read_only=bool(options.get("ro")),
+            on_ready=ready,
+            mountpoint=mountpoint,
+            sizes=not args.no_sizes,
+        )
         kwargs: dict[str, object] = {
             "fsname": f"qom:{socket_path}",
             "subtype": "qom-fuse",

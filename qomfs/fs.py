@@ -381,6 +381,7 @@ class QOMFS(Operations):  # type: ignore[misc]
         mountpoint: str = "",
         no_open: bool | None = None,
         kernel_cache: bool = False,
+        sizes: bool = True,
     ) -> None:
         self.mountpoint = mountpoint
         self.tree = tree
@@ -401,7 +402,8 @@ class QOMFS(Operations):  # type: ignore[misc]
         ttl = ttl if isinstance(ttl, (int, float)) and ttl >= 0 else 1.0
         #: Sizes are known from values; with a TTL of 0 (every read asks
         #: QEMU) a stat would cost a command of its own: then none is known.
-        self.sizes = ttl > 0
+        #: ``sizes=False`` (--no-sizes) shows 4096 for every file, as sysfs.
+        self.sizes = sizes and ttl > 0
         #: Readers go through the kernel's page cache (libfuse3, sizes known).
         #: Off by default: a reader whose read() calls span a change of a
         #: growing value gets the old head and the new tail (the kernel's

@@ -585,3 +585,26 @@ def test_no_start_of_a_scalar_is_refused(qom_type: str, text: str) -> None:
 def test_text_no_more_can_make_valid_is_invalid(qom_type: str, text: bytes) -> None:
     verdict, err = judge(text, qom_type)
     assert verdict is Verdict.INVALID and err is not None
+
+
+def test_sizes_are_the_text_length_or_4096_without_sizes() -> None:
+    """A file's st_size is the length of what cat prints (its value fetched
+    for it); with sizes=False (--no-sizes) every file is 4096 bytes and a stat
+    costs no command."""
+    with FakeQMP(make_tree()) as fake, QMPClient(fake.path, timeout=3) as client:
+        exact = QOMFS(QOMTree(client, ttl=1.0, readahead=False), mountpoint="/mnt/qom")
+        exact.readdir("/machine", 0)
+        gets = fake.command_counts().get("qom-get", 0)
+        assert exact.getattr("/machine/append")["st_size"] == len(b"console=ttyS0\n")
+        assert fake.command_counts().get("qom-get", 0) == gets + 1
+        # A value read and its stat's size agree.
+        fi = FI(os.O_RDONLY)
+        data = exact.read("/machine/kernel", 4096, 0, fi)
+        assert exact.getattr("/machine/kernel")["st_size"] == len(data) == len(b"vmlinuz\n")
+
+        plain = QOMFS(QOMTree(client, ttl=1.0, readahead=False), mountpoint="/mnt/qom", sizes=False)
+        plain.readdir("/machine", 0)
+        gets = fake.command_counts().get("qom-get", 0)
+        for name in ("append", "kernel", "graphics", "smp", "s4_val"):
+            assert plain.getattr(f"/machine/{name}")["st_size"] == 4096
+        assert fake.command_counts().get("qom-get", 0) == gets
