@@ -21,7 +21,7 @@ from qomfs.fs import FILE_SIZE, QOMFS
 from qomfs.model import QOMTree
 from qomfs.qmp import QMPClient
 from tests.fakeqmp import FakeQMP
-from tests.harness import VM, Mount, expected_text
+from tests.harness import VM, Mount, expected_text, missing
 from tests.test_cache import FakeClock
 from tests.test_fs import FI, fails, make_tree
 from tests.test_model import WITH_BATCH
@@ -292,7 +292,7 @@ def test_tar_and_cp_are_byte_exact(mnt: Mount, vm: VM, tmp_path: Path) -> None:
 
 def test_rsync_copies_a_subtree(mnt: Mount, tmp_path: Path) -> None:
     if shutil.which("rsync") is None:
-        pytest.skip("rsync is not installed")
+        missing("rsync is not installed (scripts/install-deps installs it)")
     src = mnt.path / "machine" / "q35"
     res = subprocess.run(
         ["rsync", "-a", f"{src}/", str(tmp_path / "r")], capture_output=True, text=True
