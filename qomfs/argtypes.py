@@ -4,6 +4,7 @@ for a TTL or a timeout, checked the same way and refused in the same words."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 #: The longest wait for QEMU: Python's own waits overflow at about 1e12 s.
@@ -37,3 +38,15 @@ def seconds_arg(timeout: bool) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
+
+
+def wait_seconds(text: str) -> float:
+    """An argparse ``type=`` for a time to wait where 0 means no limit:
+    seconds >= 0, with 0 (and anything longer) becoming :data:`MAX_TIMEOUT`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return MAX_TIMEOUT if value == 0 else min(value, MAX_TIMEOUT)

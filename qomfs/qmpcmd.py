@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from qomfs import __version__
-from qomfs.argtypes import MAX_TIMEOUT
+from qomfs.argtypes import wait_seconds
 from qomfs.errors import ConnectError, ExecuteError, QMPError
 from qomfs.qmp import Event, QMPClient
 from qomfs.shell.main import event_message, format_json, quiet_client_log
@@ -84,16 +83,6 @@ class UsageError(Exception):
     """A command line that cannot be run (exit status 2)."""
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return MAX_TIMEOUT if value == 0 else min(value, MAX_TIMEOUT)
-
-
 def _event_names(text: str) -> frozenset[str]:
     names = frozenset(n.strip().upper() for n in text.split(",") if n.strip())
     if not names:
@@ -122,7 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
     out.add_argument("-p", "--pretty", action="store_true", help="print it as indented JSON")
     parser.add_argument(
         "--timeout",
-        type=_timeout,
+        type=wait_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds to connect, to wait for the reply and for --wait's event "

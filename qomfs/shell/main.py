@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from qomfs import __version__
+from qomfs.argtypes import MAX_TIMEOUT, wait_seconds
 from qomfs.errors import CommandTimeout, ConnectError, ConnectionLost, ExecuteError, QMPError
 from qomfs.qmp import Event, QMPClient, State, describe_address
 from qomfs.shell.complete import DELIMS, Completer, parse_hmp_help, parse_hmp_info
@@ -33,7 +34,7 @@ PROG = "qmp-shell"
 HISTORY_FILE = ".qmp-shell_history"
 HISTORY_LENGTH = 1024
 #: ``--timeout 0`` means no limit; Python's waits overflow past about 1e6 s.
-NO_LIMIT = 1e6
+NO_LIMIT = MAX_TIMEOUT
 #: How long completion waits for QEMU (a prompt must not hang on a busy VM).
 COMPLETION_TIMEOUT = 2.0
 #: How long a qom-list answer serves completion before it is asked again.
@@ -104,22 +105,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=wait_seconds,
         default=30.0,
         metavar="S",
         help="seconds to wait for a reply, and to connect (default 30; 0: no limit)",
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return NO_LIMIT if value == 0 else min(value, NO_LIMIT)
 
 
 def options_from(args: argparse.Namespace) -> Options:
