@@ -1,10 +1,13 @@
 """Command-line values shared by ``qom-fuse`` and the ``qom-*`` tools: seconds
-for a TTL or a timeout, checked the same way and refused in the same words."""
+for a TTL or a timeout, checked the same way and refused in the same words;
+and how a tool goes quiet when its reader closes stdout."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 
 #: The longest wait for QEMU: Python's own waits overflow at about 1e12 s.
@@ -50,3 +53,10 @@ def wait_seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     return MAX_TIMEOUT if value == 0 else min(value, MAX_TIMEOUT)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null after a BrokenPipeError (``| head``), so
+    Python's own flush at exit does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

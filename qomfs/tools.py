@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from qomfs import __version__
-from qomfs.argtypes import seconds_arg
+from qomfs.argtypes import seconds_arg, silence_stdout
 from qomfs.completion import autocomplete, path_completer, set_completer
 from qomfs.errors import (
     ExecuteError,
@@ -501,8 +501,7 @@ def _run(
         return 1
     except BrokenPipeError:
         # qom-tree | head: the reader went away, which is not our error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        silence_stdout()
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
+from qomfs.argtypes import silence_stdout
 from qomfs.ga.client import (
     DEFAULT_TIMEOUT,
     AgentClient,
@@ -470,10 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: {args.command}: unexpected reply from {where}: {err!r}\n")
         return 1
     except BrokenPipeError:
-        # stdout closed early (| head): nothing more to say, and Python's own
-        # flush at exit must not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # stdout closed early (| head): nothing more to say.
+        silence_stdout()
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
