@@ -22,6 +22,13 @@ def mnt(vm: VM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
         yield m
 
 
+@pytest.fixture(params=["7.2", "11.1"])
+def anyvm(request: pytest.FixtureRequest) -> VM:
+    """The module's QEMU 7.2 VM, or the QEMU 11.1 one."""
+    name = "vm" if request.param == "7.2" else "vm11"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

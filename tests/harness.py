@@ -53,6 +53,7 @@ __all__ = [
     "fs_path",
     "missing",
     "mounted",
+    "qemu11_vm",
     "qemu_vm",
     "qomfs_command",
     "require_fuse",
@@ -96,6 +97,17 @@ def qemu_vm(
     """qomfs.vm.qemu_vm, skipped (or failed in CI) when the QEMU is missing."""
     require_qemu((list(qemu) if qemu else [QEMU])[0])
     return _vm.qemu_vm(workdir, extra, qemu=qemu, sock_dir=sock_dir, name=name)
+
+
+def qemu11_vm(tmp_path_factory: Any, tag: str) -> contextlib.AbstractContextManager[VM]:
+    """A QEMU 11.1 VM in its chroot (socket under the chroot's /tmp, named
+    ``<tag><pid>``, workdir ``<tag>11``); skipped (or failed in CI) without it.
+
+    ``tmp_path_factory`` is pytest's fixture of that name."""
+    if not (QEMU11_ROOT / "usr/bin/qemu-system-x86_64").exists():
+        missing(f"QEMU 11.1 chroot missing at {QEMU11_ROOT} (run scripts/qemu11-setup)")
+    work = tmp_path_factory.mktemp(f"{tag}11")
+    return qemu_vm(work, qemu=QEMU11, sock_dir=QEMU11_ROOT / "tmp", name=f"{tag}{os.getpid()}")
 
 
 def mounted(

@@ -19,7 +19,7 @@ import pytest
 from qomfs import qmpcmd
 from qomfs.qmpcmd import argument_words, flatten, render
 from tests.fakeqmp import FakeQMP, event
-from tests.harness import VM, missing, qemu_vm
+from tests.harness import VM, missing, qemu11_vm, qemu_vm
 from tests.test_qemu11 import CHROOT, QEMU11
 
 BIN = Path(sys.executable).parent
@@ -34,18 +34,8 @@ def installed() -> None:
 
 @pytest.fixture(scope="module")
 def vm11(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
-    if not (CHROOT / "usr/bin/qemu-system-x86_64").exists():
-        missing(f"QEMU 11.1 chroot missing at {CHROOT} (run scripts/qemu11-setup)")
-    work = tmp_path_factory.mktemp("qmp11")
-    with qemu_vm(work, qemu=QEMU11, sock_dir=CHROOT / "tmp", name=f"qmp{os.getpid()}") as vm:
+    with qemu11_vm(tmp_path_factory, "qmp") as vm:
         yield vm
-
-
-@pytest.fixture(params=["7.2", "11.1"])
-def anyvm(request: pytest.FixtureRequest) -> VM:
-    """The module's QEMU 7.2 VM, or the QEMU 11.1 one."""
-    name = "vm" if request.param == "7.2" else "vm11"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
 def bash(script: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:

@@ -25,8 +25,7 @@ except ImportError:  # a test dependency: pip install -e '.[test]'
     pexpect = None
 
 from qomfs.shell.schema import Schema
-from tests.harness import QEMU, VM, missing, qemu_vm, require_qemu, wait_for
-from tests.test_qemu11 import CHROOT, QEMU11
+from tests.harness import QEMU, VM, missing, qemu11_vm, qemu_vm, require_qemu, wait_for
 
 BIN = Path(sys.executable).parent
 SHELL = BIN / "qmp-shell"
@@ -44,18 +43,8 @@ def installed() -> None:
 
 @pytest.fixture(scope="module")
 def vm11(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
-    if not (CHROOT / "usr/bin/qemu-system-x86_64").exists():
-        missing(f"QEMU 11.1 chroot missing at {CHROOT} (run scripts/qemu11-setup)")
-    work = tmp_path_factory.mktemp("shell11")
-    with qemu_vm(work, qemu=QEMU11, sock_dir=CHROOT / "tmp", name=f"shell{os.getpid()}") as vm:
+    with qemu11_vm(tmp_path_factory, "shell") as vm:
         yield vm
-
-
-@pytest.fixture(params=["7.2", "11.1"])
-def anyvm(request: pytest.FixtureRequest) -> VM:
-    """The module's QEMU 7.2 VM, or the QEMU 11.1 one."""
-    name = "vm" if request.param == "7.2" else "vm11"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
 def bash(
