@@ -44,3 +44,17 @@ def dists() -> Dists:
     (sdist,) = out.glob("qomfs-*.tar.gz")
     (wheel,) = out.glob("qomfs-*.whl")
     return Dists(sdist, wheel)
+
+
+def install_wheel(where: Path, wheel: Path, *, deps: bool, timeout: float) -> None:
+    """Make a fresh virtualenv at ``where`` (no pip of its own) and install
+    ``wheel`` into it with the outer pip, with its dependencies or without."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(where / "bin" / "python"), "install"]
+    r = subprocess.run(
+        [*pip, *([] if deps else ["--no-deps"]), "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr

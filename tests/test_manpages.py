@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT, missing
-from tests.packaging import dists
+from tests.packaging import dists, install_wheel
 
 PARSERS = runpy.run_path(str(ROOT / "docs" / "man" / "parsers.py"))
 #: roff requests the pages may use (a line that starts with '.' is a request).
@@ -111,24 +111,7 @@ def test_every_option_of_each_parser_is_in_its_page(wheel: Path) -> None:
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh virtualenv with the wheel installed (its dependencies left out)."""
     where = tmp_path_factory.mktemp("venv") / "v"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(where / "bin" / "python"),
-            "install",
-            "--no-deps",
-            "-q",
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
+    install_wheel(where, wheel, deps=False, timeout=300)
     yield where
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from qomfs import __version__
 from tests.harness import ROOT
-from tests.packaging import dists
+from tests.packaging import dists, install_wheel
 
 SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
 
@@ -25,23 +25,7 @@ SCRIPTS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh virtualenv with the wheel and its dependencies installed."""
     where = tmp_path_factory.mktemp("venv") / "v"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(where / "bin" / "python"),
-            "install",
-            "-q",
-            str(dists().wheel),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
+    install_wheel(where, dists().wheel, deps=True, timeout=600)
     yield where
 
 
