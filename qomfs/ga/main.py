@@ -78,6 +78,22 @@ def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
+def _query(name: str, command: str, show: Callable[[Any, TextIO], None]) -> Command:
+    """A command that takes no arguments and prints one agent reply: as
+    JSON with ``--json``, else as ``show`` writes it."""
+
+    def run(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
+        _no_args(args, name)
+        ret = client.execute(command)
+        if as_json:
+            _print_json(ret, out)
+        else:
+            show(ret, out)
+        return 0
+
+    return run
+
+
 # --- upstream's commands ----------------------------------------------------------
 
 
@@ -92,12 +108,7 @@ def cmd_ping(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -
     return 0
 
 
-def cmd_info(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "info")
-    info = client.execute("guest-info")
-    if as_json:
-        _print_json(info, out)
-        return 0
+def show_info(info: Any, out: TextIO) -> None:
     commands = info.get("supported_commands", [])
     enabled = [c["name"] for c in commands if c.get("enabled")]
     disabled = [c["name"] for c in commands if not c.get("enabled")]
@@ -105,7 +116,6 @@ def cmd_info(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -
     out.write("supported_commands:\n")
     out.write("\tenabled: " + ", ".join(enabled) + "\n")
     out.write("\tdisabled: " + ", ".join(disabled) + "\n")
-    return 0
 
 
 def read_file(client: AgentClient, path: str) -> bytes:
@@ -181,12 +191,7 @@ def _netmask(prefix: int) -> str:
     return ".".join(str((mask >> shift) & 0xFF) for shift in (24, 16, 8, 0))
 
 
-def cmd_ifconfig(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "ifconfig")
-    nifs = client.execute("guest-network-get-interfaces")
-    if as_json:
-        _print_json(nifs, out)
-        return 0
+def show_ifconfig(nifs: Any, out: TextIO) -> None:
     for nif in nifs:
         out.write(f"{nif.get('name')}:\n")
         for ip in nif.get("ip-addresses", []):
@@ -197,7 +202,6 @@ def cmd_ifconfig(client: AgentClient, args: list[str], as_json: bool, out: TextI
         hwaddr = nif.get("hardware-address")
         if hwaddr and hwaddr != "00:00:00:00:00:00":
             out.write(f"\tether {hwaddr}\n")
-    return 0
 
 
 def _shutdown(mode: str) -> Command:
@@ -223,25 +227,13 @@ def cmd_suspend(client: AgentClient, args: list[str], as_json: bool, out: TextIO
 # --- beyond upstream ------------------------------------------------------------
 
 
-def cmd_osinfo(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "osinfo")
-    info = client.execute("guest-get-osinfo")
-    if as_json:
-        _print_json(info, out)
-        return 0
+def show_osinfo(info: Any, out: TextIO) -> None:
     for key, value in info.items():
         out.write(f"{key}: {value}\n")
-    return 0
 
 
-def cmd_hostname(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "hostname")
-    ret = client.execute("guest-get-host-name")
-    if as_json:
-        _print_json(ret, out)
-    else:
-        out.write(f"{ret.get('host-name', '')}\n")
-    return 0
+def show_hostname(ret: Any, out: TextIO) -> None:
+    out.write(f"{ret.get('host-name', '')}\n")
 
 
 def _when(seconds: float) -> str:
@@ -249,26 +241,15 @@ def _when(seconds: float) -> str:
     return stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def cmd_users(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "users")
-    users = client.execute("guest-get-users")
-    if as_json:
-        _print_json(users, out)
-        return 0
+def show_users(users: Any, out: TextIO) -> None:
     for user in users:
         name = user.get("user", "?")
         if user.get("domain"):
             name = f"{user['domain']}\\{name}"
         out.write(f"{name}\tsince {_when(float(user.get('login-time', 0)))}\n")
-    return 0
 
 
-def cmd_fsinfo(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "fsinfo")
-    filesystems = client.execute("guest-get-fsinfo")
-    if as_json:
-        _print_json(filesystems, out)
-        return 0
+def show_fsinfo(filesystems: Any, out: TextIO) -> None:
     for fs in filesystems:
         line = f"{fs.get('mountpoint')}\t{fs.get('type')}\t{fs.get('name')}"
         if "total-bytes" in fs:
@@ -278,19 +259,12 @@ def cmd_fsinfo(client: AgentClient, args: list[str], as_json: bool, out: TextIO)
             dev = disk.get("dev") or disk.get("serial") or ""
             bus = disk.get("bus-type", "")
             out.write(f"\tdisk {dev} ({bus})\n".replace(" ()", ""))
-    return 0
 
 
-def cmd_time(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
-    _no_args(args, "time")
-    nanoseconds = client.execute("guest-get-time")
-    if as_json:
-        _print_json(nanoseconds, out)
-        return 0
+def show_time(nanoseconds: Any, out: TextIO) -> None:
     seconds, ns = divmod(int(nanoseconds), 1_000_000_000)
     stamp = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
     out.write(f"{stamp:%Y-%m-%d %H:%M:%S}.{ns // 1000:06d} UTC\n")
-    return 0
 
 
 def cmd_exec(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -> int:
@@ -384,21 +358,21 @@ def cmd_call(client: AgentClient, args: list[str], as_json: bool, out: TextIO) -
 
 COMMANDS: dict[str, Command] = {
     "ping": cmd_ping,
-    "info": cmd_info,
+    "info": _query("info", "guest-info", show_info),
     "cat": cmd_cat,
     "fsfreeze": cmd_fsfreeze,
     "fstrim": cmd_fstrim,
-    "ifconfig": cmd_ifconfig,
+    "ifconfig": _query("ifconfig", "guest-network-get-interfaces", show_ifconfig),
     "halt": _shutdown("halt"),
     "powerdown": _shutdown("powerdown"),
     "reboot": _shutdown("reboot"),
     "shutdown": _shutdown("powerdown"),
     "suspend": cmd_suspend,
-    "osinfo": cmd_osinfo,
-    "hostname": cmd_hostname,
-    "users": cmd_users,
-    "fsinfo": cmd_fsinfo,
-    "time": cmd_time,
+    "osinfo": _query("osinfo", "guest-get-osinfo", show_osinfo),
+    "hostname": _query("hostname", "guest-get-host-name", show_hostname),
+    "users": _query("users", "guest-get-users", show_users),
+    "fsinfo": _query("fsinfo", "guest-get-fsinfo", show_fsinfo),
+    "time": _query("time", "guest-get-time", show_time),
     "exec": cmd_exec,
     "call": cmd_call,
 }
