@@ -9,7 +9,6 @@ decides when the bytes written to an open file are a whole value to set (see
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import functools
 import hashlib
@@ -26,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from qomfs import values
 from qomfs._fuse import (
     KERNEL_CACHE,
     SHARED,
@@ -52,14 +50,7 @@ from qomfs.errors import (
     ValueTooLarge,
 )
 from qomfs.model import MAX_WRITE, Kind, Node, Tree, join
-from qomfs.values import (
-    BOOL_TYPES,
-    FLOAT_TYPES,
-    INT_RANGES,
-    STRING_TYPES,
-    decode_text,
-    parse_value,
-)
+from qomfs.values import Verdict, judge
 
 log = logging.getLogger("qomfs.fs")
 
@@ -248,106 +239,6 @@ def thread_group(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return pid
-
-
-# --- judging what an open file has written so far ----------------------------------
-
-
-class Verdict(enum.Enum):
-    """What the bytes an open file has written so far make, for a property's type."""
-
-    VALID = "valid"  # a whole value that converts (QEMU may still refuse it)
-    INCOMPLETE = "incomplete"  # not a value yet; more bytes may make one
-    INVALID = "invalid"  # no bytes appended can ever make a value
-
-
-#: Each possible start of an integer's text (decimal, 0x/0o/0b, a size's
-#: suffix): text that is no such start can never become an integer.
-_INT_START = re.compile(
-    r"\s*[+-]?(?:0[xX][0-9a-fA-F_]*|0[oO][0-7_]*|0[bB][01_]*|[0-9_]*)"
-    r"(?:\s*[kmgtpeKMGTPE]?[iI]?[bB]?)?\s*"
-)
-_FLOAT_START = re.compile(r"\s*[+-]?[0-9_.eEinfatyINFATY+-]*\s*")
-#: What a boolean may be written as (qomfs.values' words).
-_BOOL_WORDS = values._TRUE | values._FALSE
-#: A JSON number cut short at the end of the text ("1.", "-", "2e-").
-_JSON_NUMBER_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
-#: A \\u escape cut short, or a surrogate pair's first half waiting for its second.
-_JSON_ESCAPE_CUT = re.compile(r"\\?u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,3})?)?")
-_JSON_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
-
-
-def judge(data: bytes, qom_type: str) -> tuple[Verdict, InvalidValue | None]:
-    """Whether ``data`` is a whole value of ``qom_type``, may become one, or never can.
-
-    INVALID is said only when certain: a chunk of a longer value is never
-    refused for being cut short (a JSON struct, a UTF-8 sequence, a number).
-    The error is :func:`~qomfs.values.parse_value`'s, for INCOMPLETE too.
-    """
-    try:
-        parse_value(decode_text(data), qom_type)
-    except InvalidValue as err:
-        return (Verdict.INVALID if _never(data, qom_type) else Verdict.INCOMPLETE), err
-    return Verdict.VALID, None
-
-
-def _never(data: bytes, qom_type: str) -> bool:
-    """``data`` does not convert: is that so whatever follows it?"""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.end < len(data) or err.reason != "unexpected end of data":
-            return True  # a bad byte inside, not a sequence cut at the end
-        text = data[: err.start].decode("utf-8")
-    if qom_type in STRING_TYPES or qom_type.startswith("link<"):
-        return False  # any text is a string; only its UTF-8 can be cut
-    start = text.lstrip()
-    if qom_type in BOOL_TYPES or qom_type in INT_RANGES or qom_type in FLOAT_TYPES:
-        if "\n" in start:
-            return True  # a newline ends a number or a boolean
-        if qom_type in BOOL_TYPES:
-            word = start.rstrip()
-            if word != start:
-                return True  # a space ends a boolean, and this one is no word
-            return not any(w.startswith(word.lower()) for w in _BOOL_WORDS)
-        if qom_type in INT_RANGES:
-            if _is_integer(start.strip()):
-                return True  # out of range: more digits only make it larger
-            return _INT_START.fullmatch(start) is None
-        return _FLOAT_START.fullmatch(start) is None
-    if start[:1] in ("{", "[", '"'):
-        return not _json_may_continue(start)
-    return False
-
-
-def _is_integer(text: str) -> bool:
-    for base in (10, 0):
-        try:
-            int(text, base)
-        except ValueError:
-            continue
-        return True
-    return False
-
-
-def _json_may_continue(text: str) -> bool:
-    """Whether invalid JSON ``text`` is the start of some valid JSON text."""
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg.startswith("Unterminated string"):
-            return True
-        rest = text[err.pos :]
-        if not rest.strip():
-            return True  # it ran out of text between two tokens
-        # A number, a literal or a \u escape cut short ("Unterminated
-        # string" above is what most cut strings give).
-        return (
-            _JSON_NUMBER_CUT.fullmatch(rest) is not None
-            or _JSON_ESCAPE_CUT.fullmatch(rest) is not None
-            or any(w.startswith(rest) for w in _JSON_WORDS)
-        )
-    return True  # it parses: then parse_value failed for another reason
 
 
 class QOMFS(Operations):  # type: ignore[misc]

@@ -8,11 +8,13 @@ The text format (README, "Text format"):
 * writing back exactly what was read sets the same value.
 
 Writes are converted with the property's type from ``qom-list``, because QEMU
-refuses a JSON string where it wants a boolean or a number.
+refuses a JSON string where it wants a boolean or a number.  :func:`judge` says
+whether text written so far is a whole value, may become one, or never can.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -124,3 +126,103 @@ def _parse_int(text: str, qom_type: str) -> int:
     if not low <= value <= high:
         raise InvalidValue(f"{value} is out of range for {qom_type} ({low} to {high})")
     return value
+
+
+# --- a value written in pieces ----------------------------------------------
+
+
+class Verdict(enum.Enum):
+    """What the bytes an open file has written so far make, for a property's type."""
+
+    VALID = "valid"  # a whole value that converts (QEMU may still refuse it)
+    INCOMPLETE = "incomplete"  # not a value yet; more bytes may make one
+    INVALID = "invalid"  # no bytes appended can ever make a value
+
+
+#: Each possible start of an integer's text (decimal, 0x/0o/0b, a size's
+#: suffix): text that is no such start can never become an integer.
+_INT_START = re.compile(
+    r"\s*[+-]?(?:0[xX][0-9a-fA-F_]*|0[oO][0-7_]*|0[bB][01_]*|[0-9_]*)"
+    r"(?:\s*[kmgtpeKMGTPE]?[iI]?[bB]?)?\s*"
+)
+_FLOAT_START = re.compile(r"\s*[+-]?[0-9_.eEinfatyINFATY+-]*\s*")
+#: What a boolean may be written as.
+_BOOL_WORDS = _TRUE | _FALSE
+#: A JSON number cut short at the end of the text ("1.", "-", "2e-").
+_JSON_NUMBER_CUT = re.compile(r"-?[0-9]*\.?[0-9]*(?:[eE][+-]?[0-9]*)?")
+#: A \\u escape cut short, or a surrogate pair's first half waiting for its second.
+_JSON_ESCAPE_CUT = re.compile(r"\\?u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,3})?)?")
+_JSON_WORDS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+
+
+def judge(data: bytes, qom_type: str) -> tuple[Verdict, InvalidValue | None]:
+    """Whether ``data`` is a whole value of ``qom_type``, may become one, or never can.
+
+    INVALID is said only when certain: a chunk of a longer value is never
+    refused for being cut short (a JSON struct, a UTF-8 sequence, a number).
+    The error is :func:`~qomfs.values.parse_value`'s, for INCOMPLETE too.
+    """
+    try:
+        parse_value(decode_text(data), qom_type)
+    except InvalidValue as err:
+        return (Verdict.INVALID if _never(data, qom_type) else Verdict.INCOMPLETE), err
+    return Verdict.VALID, None
+
+
+def _never(data: bytes, qom_type: str) -> bool:
+    """``data`` does not convert: is that so whatever follows it?"""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.end < len(data) or err.reason != "unexpected end of data":
+            return True  # a bad byte inside, not a sequence cut at the end
+        text = data[: err.start].decode("utf-8")
+    if qom_type in STRING_TYPES or qom_type.startswith("link<"):
+        return False  # any text is a string; only its UTF-8 can be cut
+    start = text.lstrip()
+    if qom_type in BOOL_TYPES or qom_type in INT_RANGES or qom_type in FLOAT_TYPES:
+        if "\n" in start:
+            return True  # a newline ends a number or a boolean
+        if qom_type in BOOL_TYPES:
+            word = start.rstrip()
+            if word != start:
+                return True  # a space ends a boolean, and this one is no word
+            return not any(w.startswith(word.lower()) for w in _BOOL_WORDS)
+        if qom_type in INT_RANGES:
+            if _is_integer(start.strip()):
+                return True  # out of range: more digits only make it larger
+            return _INT_START.fullmatch(start) is None
+        return _FLOAT_START.fullmatch(start) is None
+    if start[:1] in ("{", "[", '"'):
+        return not _json_may_continue(start)
+    return False
+
+
+def _is_integer(text: str) -> bool:
+    for base in (10, 0):
+        try:
+            int(text, base)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
+def _json_may_continue(text: str) -> bool:
+    """Whether invalid JSON ``text`` is the start of some valid JSON text."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg.startswith("Unterminated string"):
+            return True
+        rest = text[err.pos :]
+        if not rest.strip():
+            return True  # it ran out of text between two tokens
+        # A number, a literal or a \u escape cut short ("Unterminated
+        # string" above is what most cut strings give).
+        return (
+            _JSON_NUMBER_CUT.fullmatch(rest) is not None
+            or _JSON_ESCAPE_CUT.fullmatch(rest) is not None
+            or any(w.startswith(rest) for w in _JSON_WORDS)
+        )
+    return True  # it parses: then parse_value failed for another reason

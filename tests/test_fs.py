@@ -27,12 +27,11 @@ from qomfs.fs import (
     STATS_XATTR,
     TYPE_XATTR,
     WRITE_BLOCK,
-    Verdict,
-    judge,
     killed_by_signal,
 )
 from qomfs.model import MAX_WRITE, QOMTree
 from qomfs.qmp import QMPClient
+from qomfs.values import Verdict, judge
 from tests.fakeqmp import FakeQMP, Tree
 
 MACHINE = "pc-q35-7.2-machine"
