@@ -157,6 +157,8 @@ def describe(err: QomfsError, path: str) -> str:
     cause = err.cause if isinstance(err, QOMError) else None
     if isinstance(cause, ExecuteError):
         text += f" (QEMU {cause.command}: {cause.error_class})"
+    if isinstance(err, Guarded):
+        text += " (mount with --allow-unrealize to permit)"
     return text
 
 

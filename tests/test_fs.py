@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from qomfs._fuse import FuseOSError
+from qomfs.errors import Guarded, NotFound
 from qomfs.fs import (
     DD_BLOCK,
     DESCRIPTION_XATTR,
@@ -27,6 +28,7 @@ from qomfs.fs import (
     STATS_XATTR,
     TYPE_XATTR,
     WRITE_BLOCK,
+    describe,
     killed_by_signal,
 )
 from qomfs.model import MAX_WRITE, QOMTree
@@ -607,3 +609,11 @@ def test_sizes_are_the_text_length_or_4096_without_sizes() -> None:
         for name in ("append", "kernel", "graphics", "smp", "s4_val"):
             assert plain.getattr(f"/machine/{name}")["st_size"] == 4096
         assert fake.command_counts().get("qom-get", 0) == gets
+
+
+def test_a_guarded_write_says_how_to_permit_it() -> None:
+    """The model refuses a teardown without naming a mount option; the
+    mount's log line names it."""
+    line = describe(Guarded("/machine/q35/realized: refusing a write"), "/machine/q35/realized")
+    assert line.endswith("(mount with --allow-unrealize to permit)")
+    assert "allow-unrealize" not in describe(NotFound("/x: no such object"), "/x")
